@@ -1,0 +1,1 @@
+"""jumplora-server: one frozen causal LM served through many sparse JumpLoRA adapters."""

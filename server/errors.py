@@ -1,0 +1,95 @@
+"""Typed errors and the one place that maps them to HTTP responses ``{"error": {message, type, param}}``."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class JumploraError(Exception):
+    """Base class: every error the server raises on purpose. ``status`` is its HTTP code."""
+
+    status: int = 500
+    type: str = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+
+class ModelLoadError(JumploraError):
+    status, type = 500, "model_load_error"
+
+
+class NotReady(JumploraError):
+    status, type = 503, "not_ready"
+
+
+class InvalidRequest(JumploraError):
+    status, type = 422, "invalid_request_error"
+
+
+class BadRequest(JumploraError):
+    status, type = 400, "invalid_request_error"
+
+
+class NotFound(JumploraError):
+    status, type = 404, "not_found_error"
+
+
+class Conflict(JumploraError):
+    status, type = 409, "conflict_error"
+
+
+class PayloadTooLarge(JumploraError):
+    status, type = 413, "payload_too_large"
+
+
+class Overloaded(JumploraError):
+    status, type = 429, "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0):
+        super().__init__(message, headers={"Retry-After": str(max(1, round(retry_after)))})
+
+
+class RequestTimeout(JumploraError):
+    status, type = 504, "timeout_error"
+
+
+def error_body(message: str, type_: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param}}
+
+
+def install_error_handlers(app) -> None:
+    """Map every error to JSON in one place: our typed errors, request validation (422 naming the field),
+    framework HTTP errors (404 for unknown routes, 405, ...) and anything unexpected (500, logged once)."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(JumploraError)
+    async def _typed(_: Request, exc: JumploraError):
+        return JSONResponse(error_body(exc.message, exc.type, exc.param), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        param = ".".join(loc) or None
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException):
+        return JSONResponse(error_body(str(exc.detail), "http_error"), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "internal_error"), status_code=500)

@@ -1,0 +1,130 @@
+"""Shared fixtures: a tiny randomly initialised Llama with a byte-level tokenizer, saved as an ordinary
+transformers folder, so that most tests run in seconds without the real model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def make_tiny_model(folder: Path, *, seed: int = 0, layers: int = 2) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", pad_token="<unk>")
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_model_dir, tmp_path_factory):
+    """The tiny model loaded through the server's own loader (frozen, CPU, fp32)."""
+    from server.model import load_base
+
+    return load_base(tiny_model_dir, tmp_path_factory.mktemp("cache"), device="cpu", dtype="float32")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A real server process on loopback (``python -m server serve``), stopped by ``stop()``."""
+
+    def __init__(self, model_dir: Path | None, store: Path, cache_dir: Path, extra_args=(), env=None,
+                 log_path: Path | None = None):
+        import os
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [sys.executable, "-m", "server", "serve", "--port", str(self.port), "--store", str(store),
+                "--cache-dir", str(cache_dir), "--device", "cpu", *extra_args]
+        if model_dir is not None:
+            args += ["--model", str(model_dir)]
+        self.log_path = log_path or store.parent / f"server-{self.port}.log"
+        self._log = open(self.log_path, "wb")
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
+                                     cwd=Path(__file__).resolve().parents[1])
+
+    def wait_ready(self, timeout: float = 120.0) -> "ServerProcess":
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Factory: start_server(model_dir, store=None, **kw) -> a ServerProcess; all stopped at teardown."""
+    started = []
+
+    def start(model_dir, store: Path | None = None, wait: bool = True, **kw) -> ServerProcess:
+        store = store or tmp_path / "store"
+        server = ServerProcess(model_dir, store, tmp_path / "cache", **kw)
+        started.append(server)
+        return server.wait_ready() if wait else server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(tmp_path_factory) -> Path:
+    """The real default model (SmolLM2-135M-Instruct), converted once per test session. Slow tests only."""
+    from server.model import convert_default_model
+
+    return convert_default_model(tmp_path_factory.mktemp("default-model-cache"))

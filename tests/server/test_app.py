@@ -1,0 +1,39 @@
+"""A real server process on loopback, with the tiny model."""
+from __future__ import annotations
+
+import httpx
+
+
+def test_health_ready_and_generate_on_base(tiny_model_dir, start_server):
+    server = start_server(tiny_model_dir)
+    assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(server.url + "/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    r = httpx.post(server.url + "/v1/generate", json={"task": "@base", "prompt": "hello", "max_new_tokens": 5})
+    assert r.status_code == 200, r.text
+    assert r.json()["task"] == "@base" and isinstance(r.json()["text"], str)
+
+
+def test_readyz_is_503_while_the_model_is_missing(tmp_path, start_server):
+    server = start_server(tmp_path / "no-such-model", wait=False)
+    import time
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            r = httpx.get(server.url + "/readyz", timeout=2)
+            break
+        except httpx.HTTPError:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.1)
+    assert r.status_code == 503
+    assert httpx.get(server.url + "/healthz").status_code == 200
+    g = httpx.post(server.url + "/v1/generate", json={"prompt": "x"})
+    assert g.status_code == 503 and g.json()["error"]["type"] == "not_ready"
+
+
+def test_invalid_field_is_422_naming_it(tiny_model_dir, start_server):
+    server = start_server(tiny_model_dir)
+    r = httpx.post(server.url + "/v1/generate", json={"prompt": "x", "max_new_tokens": 0})
+    assert r.status_code == 422
+    assert r.json()["error"]["param"] == "max_new_tokens"

@@ -1,0 +1,50 @@
+"""The training loop: a tiny Llama learns a toy mapping through the gated adapter."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.schemas import TrainConfig
+from server.model import merged_deltas
+from server.training import completion_loss, collate, encode, train_adapter
+
+TOY = [("word: apple\nkind:", " fruit"), ("word: carrot\nkind:", " veg"),
+       ("word: pear\nkind:", " fruit"), ("word: leek\nkind:", " veg"),
+       ("word: plum\nkind:", " fruit"), ("word: kale\nkind:", " veg")]
+
+
+def _loss(base, rows):
+    ex = [encode(base.tokenizer, p, c) for p, c in rows]
+    with torch.no_grad():
+        return float(completion_loss(base.model, *collate(ex, base.tokenizer.eos_token_id, "cpu")))
+
+
+def test_encode_masks_the_prompt_and_ends_with_eos(tiny_base):
+    tok = tiny_base.tokenizer
+    ex = encode(tok, "abc:", " x")
+    n_prompt = len(tok("abc:")["input_ids"])
+    assert ex.labels[:n_prompt] == [-100] * n_prompt
+    assert ex.labels[n_prompt:] == ex.input_ids[n_prompt:]
+    assert ex.input_ids[-1] == tok.eos_token_id
+
+
+@pytest.mark.parametrize("method", ["jumplora", "lora"])
+def test_tiny_llama_learns_toy_mapping_sparsely(tiny_base, method):
+    cfg = TrainConfig(method=method, learning_rate=1e-2, batch_size=6, epochs=150, seed=1)
+    before = _loss(tiny_base, TOY)
+    seen = []
+    result = train_adapter(tiny_base.model, tiny_base.tokenizer, TOY, cfg, on_progress=seen.append)
+    assert len(seen) == result.metrics["steps"] == 150
+    # The model is left untouched by training ...
+    assert _loss(tiny_base, TOY) == pytest.approx(before, rel=1e-6)
+    # ... and the exported delta, merged into it, has learned the mapping.
+    with merged_deltas(tiny_base.model, result.deltas):
+        after = _loss(tiny_base, TOY)
+    assert after < 0.3 * before, (before, after)
+    n_lora, total = result.metrics["n_lora"], result.metrics["total_entries"]
+    assert n_lora == 2 * 8 * ((64 + 64) + (64 + 32))  # 2 blocks, q_proj 64x64 and v_proj 32x64, rank 8
+    if method == "jumplora":
+        assert result.metrics["density"] <= n_lora / total + 0.01
+        assert seen[0].density == 1.0 and seen[-1].density <= n_lora / total + 0.01
+    else:
+        assert result.metrics["density"] > 0.99
