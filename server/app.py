@@ -1,18 +1,22 @@
-"""``create_app(settings)``: the FastAPI application. The model loads in a background thread started by the
-lifespan, so that /healthz answers at once and /readyz says 503 until the model is ready."""
+"""``create_app(settings)``: the FastAPI application. The lifespan starts a background thread that loads the
+model, the stored adapters and the engine, so that /healthz answers at once and /readyz says 503 until all is
+ready. Nothing heavy happens at import time."""
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI
 
-from . import api
+from adapters_store import AdapterStore
+
+from .api import router
 from .config import Settings
 from .errors import install_error_handlers
-from .model import load_base
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -22,21 +26,42 @@ class ServerState:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.base = None
+        self.metrics = Metrics()
+        self.started_at = time.time()
+        self.base = self.store = self.registry = self.engine = None
         self.load_error: str | None = None
         self.ready = threading.Event()
-        self.generate_lock = threading.Lock()
 
     def load(self) -> None:
+        from .engine import Engine
+        from .model import load_base
+        from .registry import Registry
+        from .runner import ModelRunner
+
+        s = self.settings
         try:
-            if self.settings.threads:
-                torch.set_num_threads(self.settings.threads)
-            self.base = load_base(self.settings.model, self.settings.cache_dir, self.settings.device,
-                                  self.settings.dtype)
+            if s.threads:
+                torch.set_num_threads(s.threads)
+            self.base = load_base(s.model, s.cache_dir, s.device, s.dtype)
+            self.store = AdapterStore(s.store)
+            self.store.cleanup_temp()
+            self.registry = Registry(self.store, self.base.model, self.base.fingerprint, self.base.device,
+                                     self.metrics)
+            state = self.registry.refresh()
+            model_len = int(getattr(self.base.model.config, "max_position_embeddings", 2048))
+            max_len = min(model_len, s.max_model_len) if s.max_model_len else min(model_len, 2048)
+            runner = ModelRunner(self.base.model, max_rows=s.max_batch_size, max_len=max_len)
+            self.engine = Engine(runner, self.base.tokenizer, state, self.metrics, max_batch=s.max_batch_size,
+                                 max_queue=s.max_queue, max_len=max_len, prefill_budget=s.prefill_budget)
+            self.engine.start()
             self.ready.set()
-        except Exception as e:  # reported by /readyz and every route that needs the model
-            log.exception("model failed to load")
+        except Exception as e:  # reported by /readyz and by every route that needs the model
+            log.exception("startup failed")
             self.load_error = str(e)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -45,12 +70,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loader = threading.Thread(target=state.load, name="model-loader", daemon=True)
+        loader = threading.Thread(target=state.load, name="loader", daemon=True)
         loader.start()
         yield
+        state.close()
 
-    app = FastAPI(title="jumplora-server", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="jumplora-server", version="0.1.0", lifespan=lifespan,
+                  description="Serve one frozen LM through many sparse JumpLoRA task adapters.")
     app.state.server = state
     install_error_handlers(app)
-    app.include_router(api.router)
+    app.include_router(router)
     return app

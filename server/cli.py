@@ -1,4 +1,5 @@
-"""``python -m server serve [options]``: start the server. Options override ``JUMPLORA_*`` variables."""
+"""``python -m server serve [options]``: start the server. Every setting is an option (``--max-batch-size``
+for ``max_batch_size``); options override ``JUMPLORA_*`` environment variables."""
 from __future__ import annotations
 
 import argparse
@@ -7,16 +8,15 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jumplora serve", description="Start the jumplora inference server.")
-    parser.add_argument("--host", help="address to bind (default 127.0.0.1; env JUMPLORA_HOST)")
-    parser.add_argument("--port", type=int, help="port (default 8000; env JUMPLORA_PORT)")
-    parser.add_argument("--model", help="local transformers causal-LM folder (default SmolLM2-135M-Instruct)")
-    parser.add_argument("--store", help="adapter store folder (env JUMPLORA_STORE)")
-    parser.add_argument("--cache-dir", dest="cache_dir", help="cache folder for the converted model")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=int, help="torch threads for serving")
-    parser.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
+    from .config import Settings
+
+    parser = argparse.ArgumentParser(
+        prog="jumplora serve", description="Start the jumplora inference server. Each option overrides the "
+        "environment variable JUMPLORA_<OPTION> (upper case, '_' for '-').")
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        help_text = (field.description or name.replace("_", " ")) + f" (default: {default})"
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, metavar=name.upper(), help=help_text)
     return parser
 
 

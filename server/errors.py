@@ -63,6 +63,17 @@ def error_body(message: str, type_: str, param: str | None = None) -> dict[str, 
     return {"error": {"message": message, "type": type_, "param": param}}
 
 
+_LOCATIONS = {"body", "query", "path", "header", "cookie"}
+
+
+def _is_type_tag(part) -> bool:
+    """Parts of a pydantic error location that name a request location or a union member, not a field."""
+    if isinstance(part, int):
+        return False
+    return part in _LOCATIONS or any(c in part for c in "[(") or part in {
+        "str", "int", "float", "bool", "list", "dict", "none", "function-after", "function-before"}
+
+
 def install_error_handlers(app) -> None:
     """Map every error to JSON in one place: our typed errors, request validation (422 naming the field),
     framework HTTP errors (404 for unknown routes, 405, ...) and anything unexpected (500, logged once)."""
@@ -79,7 +90,7 @@ def install_error_handlers(app) -> None:
     async def _validation(_: Request, exc: RequestValidationError):
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        loc = [str(p) for p in first.get("loc", ()) if not _is_type_tag(p)]
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
         return JSONResponse(error_body(message, "invalid_request_error", param), status_code=422)

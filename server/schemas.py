@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class TrainConfig(BaseModel):
@@ -27,14 +27,123 @@ class TrainConfig(BaseModel):
     max_seq_len: int = Field(512, ge=8, le=32768)
 
 
-class GenerateRequest(BaseModel):
+Stop = str | list[str] | None
+
+
+class SamplingFields(BaseModel):
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 is greedy decoding")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, le=100_000, description="0 turns top-k off")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: Stop = Field(None, description="a string or up to 8 strings that end the generation")
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: Stop) -> Stop:
+        items = [v] if isinstance(v, str) else (v or [])
+        if len(items) > 8:
+            raise ValueError("at most 8 stop strings")
+        if any(len(s) > 256 for s in items):
+            raise ValueError("stop strings are at most 256 characters")
+        return v
+
+
+def stop_list(stop: Stop) -> list[str]:
+    return [stop] if isinstance(stop, str) else list(stop or [])
+
+
+class GenerateRequest(SamplingFields):
     model_config = ConfigDict(extra="forbid")
 
-    task: str = Field("@base", min_length=1, max_length=64)
+    task: str = Field("@base", min_length=1, max_length=64, description="a task name, '@stack' or '@base'")
     prompt: str
-    max_new_tokens: int = Field(32, ge=1, le=4096)
+    max_new_tokens: int = Field(32, ge=1, le=32768)
+    stream: bool = False
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
 
 
 class GenerateResponse(BaseModel):
     task: str
     text: str
+    finish_reason: Literal["length", "stop", "eos"]
+    usage: Usage
+
+
+class CompletionRequest(BaseModel):
+    """The OpenAI completions request; fields this server does not implement are accepted only at their
+    neutral values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=64, description="a task name, '@stack' or '@base'")
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1, le=32768)
+    temperature: float = Field(1.0, ge=0.0, le=5.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: Literal[1] = 1
+    best_of: Literal[1] | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    stop: Stop = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    echo: Literal[False] = False
+    logprobs: None = None
+    logit_bias: dict | None = None
+    presence_penalty: Literal[0, 0.0] | None = None
+    frequency_penalty: Literal[0, 0.0] | None = None
+    suffix: None = None
+    user: str | None = None
+    top_k: int = Field(0, ge=0, le=100_000, description="extension: 0 turns top-k off")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and len(v) != 1:
+            raise ValueError("exactly one prompt per request")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: Stop) -> Stop:
+        return SamplingFields._stops(v)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, v: dict | None) -> dict | None:
+        if v:
+            raise ValueError("logit_bias is not supported")
+        return v
+
+    @property
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class TaskSummary(BaseModel):
+    name: str
+    created_at: str | None = None
+    method: str | None = None
+    regularizer: str | None = None
+    order: int
+    nonzero_params: int
+    density: float
+    overlap_ratio: float
+    targets: list[str] = Field(default_factory=list)
+    rank: int | None = None
+    alpha: float | None = None
+    metrics: dict = Field(default_factory=dict)
+
+
+class TaskDetail(TaskSummary):
+    parents: list[dict] = Field(default_factory=list)
+    config: dict = Field(default_factory=dict)
+    base_fingerprint: str | None = None
+    tensors_sha256: str | None = None
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskSummary]

@@ -2,9 +2,12 @@
 transformers folder, so that most tests run in seconds without the real model."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `import support`
 
 
 def make_tiny_model(folder: Path, *, seed: int = 0, layers: int = 2) -> Path:

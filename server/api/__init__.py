@@ -1,0 +1,8 @@
+"""HTTP routes, one router per resource. Routes are thin: validate, hand over to the engine, shape the answer."""
+from fastapi import APIRouter
+
+from . import completions, generate, health, tasks
+
+router = APIRouter()
+for module in (health, generate, completions, tasks):
+    router.include_router(module.router)

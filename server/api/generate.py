@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from ..sampling import SamplingParams
+from ..schemas import GenerateRequest, GenerateResponse, Usage, stop_list
+from . import streaming
+from .deps import Ready
+
+router = APIRouter(tags=["generate"])
+
+
+@router.post("/v1/generate", response_model=GenerateResponse,
+             responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream"}})
+async def generate(req: GenerateRequest, state: Ready, request: Request):
+    params = SamplingParams(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
+                            top_k=req.top_k, seed=req.seed, stop=stop_list(req.stop))
+    handle = state.engine.submit(req.task, req.prompt, params, "generate", asyncio.get_running_loop())
+    if not req.stream:
+        done = await streaming.final(state, handle, request)
+        return GenerateResponse(task=req.task, text=done.text, finish_reason=done.finish_reason,
+                                usage=Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens))
+
+    def on_token(t):
+        return {"type": "token", "text": t.text, "token_id": t.token_id}
+
+    def on_final(f):
+        return [{"type": "done", "task": req.task, "delta": f.tail, "text": f.text, "finish_reason": f.finish_reason,
+                 "usage": {"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens}}]
+
+    return StreamingResponse(streaming.stream(state, handle, request, on_token, on_final),
+                             media_type="text/event-stream")

@@ -1,0 +1,54 @@
+"""Every Prometheus metric of the server, in one registry per app (names prefixed ``jumplora_``)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5)
+UNKNOWN_TASK = "<unknown>"  # label for requests naming a task that is not served (keeps label sets bounded)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.request_latency = Histogram(
+            "jumplora_request_duration_seconds", "End-to-end request latency", ["task", "endpoint"],
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("jumplora_time_to_first_token_seconds", "Time from arrival to the first token",
+                              ["task"], buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("jumplora_inter_token_latency_seconds", "Time between two tokens of one request",
+                             ["task"], buckets=TOKEN_BUCKETS, registry=r)
+        self.generated_tokens = Counter("jumplora_generated_tokens", "Tokens generated", ["task"], registry=r)
+        self.prompt_tokens = Counter("jumplora_prompt_tokens", "Prompt tokens processed", ["task"], registry=r)
+        self.requests = Counter("jumplora_requests", "Requests by outcome", ["task", "endpoint", "status"],
+                                registry=r)
+        self.queue_length = Gauge("jumplora_queue_length", "Requests waiting for a batch row", registry=r)
+        self.batch_size = Gauge("jumplora_running_batch_size", "Rows in the running batch", registry=r)
+        self.step_seconds = Histogram("jumplora_decode_step_seconds", "Time of one batched decode step",
+                                      buckets=TOKEN_BUCKETS, registry=r)
+        self.adapter_density = Gauge("jumplora_adapter_density",
+                                     "Non-zero fraction of the adapter's targeted delta entries", ["task"],
+                                     registry=r)
+        self.adapter_nonzero = Gauge("jumplora_adapter_nonzero_params", "Non-zero entries of the adapter's delta",
+                                     ["task"], registry=r)
+        self.adapter_overlap = Gauge(
+            "jumplora_adapter_overlap_ratio",
+            "Fraction of the adapter's non-zero positions that are non-zero in an earlier task's delta", ["task"],
+            registry=r)
+        self.adapters_served = Gauge("jumplora_adapters_served", "Task adapters being served", registry=r)
+        self.adapter_load_errors = Counter("jumplora_adapter_load_errors",
+                                           "Stored adapters refused at load (corrupt, foreign, malformed)",
+                                           ["task", "reason"], registry=r)
+
+    def set_adapters(self, tasks) -> None:
+        """Publish per-adapter gauges for exactly the served tasks (removed tasks lose their series)."""
+        for gauge in (self.adapter_density, self.adapter_nonzero, self.adapter_overlap):
+            gauge.clear()
+        for info in tasks:
+            self.adapter_density.labels(info.name).set(info.density)
+            self.adapter_nonzero.labels(info.name).set(info.nonzero)
+            self.adapter_overlap.labels(info.name).set(info.overlap)
+        self.adapters_served.set(len(tasks))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,200 @@
+"""The scheduler: continuous batching, per-request sampling, stop strings, cancellation, limits, and bank swaps."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from server.bank import BASE, STACK, build_state
+from server.engine import Engine, Failed, Finished, Token
+from server.errors import BadRequest, NotFound, Overloaded
+from server.metrics import Metrics
+from server.model import merged_deltas
+from server.runner import ModelRunner
+from server.sampling import SamplingParams
+from support import make_bank
+
+
+@pytest.fixture(scope="module")
+def bank(tiny_base):
+    return make_bank(tiny_base.model)
+
+
+def make_engine(base, state, *, start=True, max_batch=8, max_queue=64, max_len=128):
+    runner = ModelRunner(base.model, max_rows=max_batch, max_len=max_len)
+    engine = Engine(runner, base.tokenizer, state, Metrics(), max_batch=max_batch, max_queue=max_queue,
+                    max_len=max_len)
+    if start:
+        engine.start()
+    return engine
+
+
+async def collect(handle):
+    tokens, pieces = [], []
+    while True:
+        ev = await handle.queue.get()
+        if isinstance(ev, Failed):
+            raise ev.error
+        if isinstance(ev, Token):
+            tokens.append(ev.token_id)
+            pieces.append(ev.text)
+        else:
+            assert isinstance(ev, Finished)
+            return tokens, "".join(pieces) + ev.tail, ev
+
+
+def run(engine, requests, delays=None):
+    """Submit (task, prompt, params) requests, the i-th after delays[i] seconds; return their results."""
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        async def one(i, req):
+            await asyncio.sleep(delays[i] if delays else 0)
+            return await collect(engine.submit(*req, "test", loop))
+        return await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
+    return asyncio.run(main())
+
+
+def reference_greedy(base, refs, task, prompt, n):
+    """Greedy tokens from transformers' own forward on the model with the task's delta merged in."""
+    ids = base.tokenizer(prompt)["input_ids"]
+    out = []
+    with merged_deltas(base.model, refs[task]), torch.no_grad():
+        for _ in range(n):
+            nxt = int(base.model(torch.tensor([ids + out])).logits[0, -1].argmax())
+            if nxt == base.tokenizer.eos_token_id:
+                break
+            out.append(nxt)
+    return out
+
+
+MIX = [("sparse-a", "the cat sat", 9), ("dense-b", "on a mat", 4), (BASE, "hello", 12),
+       (STACK, "zz top", 7), ("lowrank-c", "abc def ghi", 10), ("sparse-a", "q", 3), (STACK, "more text", 11)]
+
+
+def test_continuous_batching_matches_alone_and_merged_reference(tiny_base, bank):
+    state, refs = bank
+    engine = make_engine(tiny_base, state, max_batch=4)  # fewer rows than requests: some wait, then join
+    try:
+        reqs = [(task, prompt, SamplingParams(max_new_tokens=n)) for task, prompt, n in MIX]
+        together = run(engine, reqs, delays=[0, 0, 0.05, 0.1, 0.1, 0.2, 0.3])
+        for (task, prompt, n), (tokens, text, fin) in zip(MIX, together):
+            alone_tokens, alone_text, _ = run(engine, [(task, prompt, SamplingParams(max_new_tokens=n))])[0]
+            assert tokens == alone_tokens, task
+            assert text == alone_text == tiny_base.tokenizer.decode(tokens)
+            assert tokens == reference_greedy(tiny_base, refs, task, prompt, n), task
+            assert fin.completion_tokens == len(tokens)
+            assert fin.finish_reason == ("length" if len(tokens) == n else "eos")
+            assert fin.prompt_tokens == len(tiny_base.tokenizer(prompt)["input_ids"])
+        assert engine.running == 0
+    finally:
+        engine.stop()
+
+
+def test_stop_string_cuts_the_text(tiny_base, bank):
+    state, _ = bank
+    engine = make_engine(tiny_base, state)
+    try:
+        _, full, _ = run(engine, [("sparse-a", "the cat sat", SamplingParams(max_new_tokens=20))])[0]
+        stop = full[5:8]
+        assert stop and full.find(stop) >= 0
+        _, text, fin = run(engine, [("sparse-a", "the cat sat", SamplingParams(max_new_tokens=20, stop=[stop]))])[0]
+        assert fin.finish_reason == "stop"
+        assert text == fin.text == full[:full.find(stop)]
+    finally:
+        engine.stop()
+
+
+def test_same_seed_same_text_other_seed_other_text(tiny_base, bank):
+    state, _ = bank
+    engine = make_engine(tiny_base, state)
+    try:
+        def sampled(seed):
+            p = SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.95, top_k=50, seed=seed)
+            return run(engine, [("dense-b", "the cat", p), (BASE, "other row", p)])[0][1]
+        a, b, c = sampled(7), sampled(7), sampled(8)
+        assert a == b
+        assert a != c
+    finally:
+        engine.stop()
+
+
+def test_top_k_one_is_greedy(tiny_base, bank):
+    state, _ = bank
+    engine = make_engine(tiny_base, state)
+    try:
+        greedy = run(engine, [(STACK, "abc", SamplingParams(max_new_tokens=10))])[0][0]
+        top1 = run(engine, [(STACK, "abc", SamplingParams(max_new_tokens=10, temperature=0.7, top_k=1, seed=1))])
+        assert top1[0][0] == greedy
+    finally:
+        engine.stop()
+
+
+def test_cancel_frees_the_row(tiny_base, bank):
+    state, _ = bank
+    engine = make_engine(tiny_base, state, max_len=512)
+
+    async def main():
+        handle = engine.submit(BASE, "long one", SamplingParams(max_new_tokens=400), "test",
+                               asyncio.get_running_loop())
+        assert isinstance(await handle.queue.get(), Token)  # admitted: the first token is out
+        deadline = time.monotonic() + 5
+        while engine.running != 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        assert engine.running == 1
+        handle.cancel()
+        deadline = time.monotonic() + 5
+        while engine.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return engine.running
+    try:
+        assert asyncio.run(main()) == 0
+    finally:
+        engine.stop()
+
+
+def test_limits_unknown_task_context_and_full_queue(tiny_base, bank):
+    state, _ = bank
+    engine = make_engine(tiny_base, state, start=False, max_queue=1, max_len=32)
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(NotFound, match="nope"):
+            engine.submit("nope", "x", SamplingParams(), "test", loop)
+        with pytest.raises(BadRequest, match=r"\(30\).*over the context of 32"):
+            engine.submit(BASE, "hello", SamplingParams(max_new_tokens=30), "test", loop)
+        engine.submit(BASE, "a", SamplingParams(max_new_tokens=2), "test", loop)
+        with pytest.raises(Overloaded) as e:
+            engine.submit(BASE, "b", SamplingParams(max_new_tokens=2), "test", loop)
+        assert int(e.value.headers["Retry-After"]) >= 1
+    finally:
+        loop.close()
+
+
+def test_new_state_serves_new_requests_and_leaves_requests_in_flight_alone(tiny_base, bank):
+    state, refs = bank
+    engine = make_engine(tiny_base, state)
+    # A second state without the dense task: @stack changes.
+    tasks = [(info, {k: v[state.slots[name]] for k, v in state.layers.items()})
+             for name, info in state.tasks.items() if name != "dense-b"]
+    weights = {n: m.weight for n, m in tiny_base.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    smaller = build_state(weights, tasks, version=2)
+    try:
+        before = run(engine, [(STACK, "steady", SamplingParams(max_new_tokens=30))])[0][0]
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            handle = engine.submit(STACK, "steady", SamplingParams(max_new_tokens=30), "test", loop)
+            first = await handle.queue.get()
+            engine.set_state(smaller)  # swapped in while the request is running
+            tokens, _, _ = await collect(handle)
+            return [first.token_id] + tokens
+        assert asyncio.run(main()) == before
+        after = run(engine, [(STACK, "steady", SamplingParams(max_new_tokens=30))])[0][0]
+        stack_without_b = {k: refs["sparse-a"][k] + refs["lowrank-c"][k] for k in refs["sparse-a"]}
+        assert after == reference_greedy(tiny_base, {STACK: stack_without_b}, STACK, "steady", 30)
+        with pytest.raises(NotFound):
+            engine.submit("dense-b", "x", SamplingParams(), "test", asyncio.new_event_loop())
+    finally:
+        engine.stop()

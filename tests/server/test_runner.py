@@ -1,0 +1,94 @@
+"""The runner and the adapter bank: every row of a mixed batch equals that request run alone (greedy tokens,
+logits within 1e-4 in fp32), and equals a plain copy of the model with the delta merged into its weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.bank import BASE, STACK, RowPlan
+from server.model import merged_deltas
+from server.runner import ModelRunner
+from support import make_bank
+
+STEPS = 6
+PROMPTS = ["the cat sat", "on a mat with", "x", "hello there, friend", "abc def", "zz top"]
+
+
+@pytest.fixture(scope="module")
+def bank(tiny_base):
+    return make_bank(tiny_base.model)
+
+
+def test_representations_are_as_intended(bank):
+    state, _ = bank
+    layer = "model.layers.0.self_attn.q_proj"
+    kinds = [state.layers[layer][state.slots[n]].kind for n in ("sparse-a", "dense-b", "lowrank-c", STACK)]
+    assert kinds == ["sparse", "dense", "lowrank", "dense"]
+    assert layer in state.stack_weights
+
+
+def _greedy(runner, plan_rows, prompts_ids, steps):
+    """Prefill each prompt into its own row, then decode all rows together for ``steps`` greedy steps.
+    Returns per row: the generated tokens and the logits that chose each (first from the prefill)."""
+    tokens, logits = [], []
+    for row, (adapter, ids) in enumerate(zip(plan_rows, prompts_ids)):
+        lg = runner.prefill(row, ids, RowPlan([adapter], runner.device))
+        tokens.append([int(lg.argmax())])
+        logits.append([lg])
+    plan = RowPlan(plan_rows, runner.device)
+    positions = torch.tensor([len(ids) for ids in prompts_ids])
+    for _ in range(steps):
+        lg = runner.decode(torch.tensor([t[-1] for t in tokens]), positions, plan)
+        positions += 1
+        for i in range(len(plan_rows)):
+            tokens[i].append(int(lg[i].argmax()))
+            logits[i].append(lg[i])
+    return tokens, logits
+
+
+@pytest.mark.parametrize("mix", [
+    ["sparse-a", "dense-b", "lowrank-c", STACK, BASE, "sparse-a"],
+    ["sparse-a", "sparse-a", BASE],
+    [STACK, STACK, STACK],
+])
+def test_mixed_batch_rows_equal_alone_and_merged_reference(tiny_base, bank, mix):
+    state, refs = bank
+    runner = ModelRunner(tiny_base.model, max_rows=8, max_len=64)
+    tok = tiny_base.tokenizer
+    ids = [tok(p)["input_ids"] for p in PROMPTS[:len(mix)]]
+    rows = [(state, state.slot_of(name)) for name in mix]
+    mixed_tokens, mixed_logits = _greedy(runner, rows, ids, STEPS)
+    for i, name in enumerate(mix):
+        alone_tokens, alone_logits = _greedy(runner, [rows[i]], [ids[i]], STEPS)
+        assert mixed_tokens[i] == alone_tokens[0], (name, i)
+        for a, b in zip(mixed_logits[i], alone_logits[0]):
+            assert torch.allclose(a, b, atol=1e-4, rtol=0), (name, float((a - b).abs().max()))
+        # The merged reference: transformers' own forward on a copy of the weights with W + delta.
+        with merged_deltas(tiny_base.model, refs[name]), torch.no_grad():
+            seq = torch.tensor([ids[i] + mixed_tokens[i][:-1]])
+            ref = tiny_base.model(seq).logits[0, len(ids[i]) - 1:]  # (STEPS + 1, vocab)
+        got = torch.stack(mixed_logits[i])
+        assert torch.allclose(got, ref, atol=1e-4, rtol=0), (name, float((got - ref).abs().max()))
+        assert mixed_tokens[i] == ref.argmax(-1).tolist()
+
+
+def test_rows_leaving_and_moving_keep_their_cache(tiny_base, bank):
+    """Compaction: when row 0 leaves, the last row moves into its place and continues unchanged."""
+    state, _ = bank
+    runner = ModelRunner(tiny_base.model, max_rows=4, max_len=64)
+    tok = tiny_base.tokenizer
+    ids = [tok(p)["input_ids"] for p in PROMPTS[:3]]
+    rows = [(state, state.slot_of(n)) for n in ("sparse-a", "dense-b", "lowrank-c")]
+    expected, _ = _greedy(runner, [rows[2]], [ids[2]], STEPS)
+    tokens, _ = _greedy(runner, rows, ids, 2)  # three rows, two steps
+    runner.cache.move_row(2, 0, len(ids[2]) + 2)  # row 0 leaves; row 2 moves to 0; row 1 stays
+    seq = tokens[2]
+    plan = RowPlan([rows[2], rows[1]], runner.device)
+    pos = torch.tensor([len(ids[2]) + 2, len(ids[1]) + 2])
+    last = torch.tensor([tokens[2][-1], tokens[1][-1]])
+    for _ in range(STEPS - 2):
+        lg = runner.decode(last, pos, plan)
+        pos += 1
+        seq.append(int(lg[0].argmax()))
+        last = lg.argmax(-1)
+    assert seq == expected[0]

@@ -1,0 +1,58 @@
+"""Helpers shared by tests (importable because tests/conftest.py puts this folder on sys.path)."""
+from __future__ import annotations
+
+import torch
+
+from adapters_store import AdapterStore, LowRankDelta, SparseDelta
+
+
+def random_sparse(shape, density: float, seed: int, scale: float = 0.05) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(shape, generator=g) * scale
+    return values * (torch.rand(shape, generator=g) < density)
+
+
+def task_deltas(model, density: float, seed: int, targets=("q_proj", "v_proj")) -> dict[str, torch.Tensor]:
+    """Random dense-form deltas of the given density for the targeted layers of ``model``."""
+    out = {}
+    for i, (name, mod) in enumerate(model.named_modules()):
+        if name.rsplit(".", 1)[-1] in targets and isinstance(mod, torch.nn.Linear):
+            out[name] = random_sparse(tuple(mod.weight.shape), density, seed * 1000 + i)
+    return out
+
+
+def put_task(store: AdapterStore, name: str, deltas: dict[str, torch.Tensor], fingerprint: str, order: int,
+             lowrank: dict | None = None, method: str = "jumplora") -> dict:
+    stored = {k: (LowRankDelta(*lowrank[k]) if lowrank else SparseDelta.from_dense(v)) for k, v in deltas.items()}
+    nz = sum(int((v != 0).sum()) for v in deltas.values())
+    total = sum(v.numel() for v in deltas.values())
+    meta = {"base_fingerprint": fingerprint, "method": method, "regularizer": "incremental", "order": order,
+            "targets": ["q_proj", "v_proj"], "rank": 8, "alpha": 32.0, "parents": [], "config": {},
+            "metrics": {"density": nz / total, "nonzero": nz}}
+    return store.put(name, stored, meta)
+
+
+def make_bank(model):
+    """A bank state with one task in each representation: sparse (3 %), dense (30 %) and low rank, plus the
+    dense-form reference delta of every adapter name (tasks, @stack, @base) for merged-model checks."""
+    from server.bank import BASE, STACK, TaskInfo, build_state, slot_delta
+
+    sparse = task_deltas(model, 0.03, seed=1)
+    dense = task_deltas(model, 0.30, seed=2)
+    g = torch.Generator().manual_seed(3)
+    lowrank = {name: (torch.randn(4, d.shape[1], generator=g) * 0.1, torch.randn(d.shape[0], 4, generator=g) * 0.1,
+                      2.0) for name, d in sparse.items()}
+    lowrank_slots = {k: slot_delta(lowrank=v) for k, v in lowrank.items()}
+    forms = {"sparse-a": sparse, "dense-b": dense, "lowrank-c": {k: s.to_dense() for k, s in lowrank_slots.items()}}
+    tasks = []
+    for order, (name, form) in enumerate(forms.items()):
+        slots = lowrank_slots if name == "lowrank-c" else {k: slot_delta(v) for k, v in form.items()}
+        nz = sum(int((v != 0).sum()) for v in form.values())
+        total = sum(v.numel() for v in form.values())
+        tasks.append((TaskInfo(name, order, {"order": order}, nz, total, 0.0), slots))
+    weights = {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    state = build_state(weights, tasks, version=1)
+    refs = dict(forms)
+    refs[STACK] = {k: sum(f[k] for f in forms.values()) for k in sparse}
+    refs[BASE] = {}
+    return state, refs
