@@ -163,17 +163,22 @@ def build_state(weights: dict[str, torch.Tensor], tasks: list[tuple[TaskInfo, di
 RowAdapter = tuple[BankState, int]  # a row's adapter: the bank state it was admitted under and its slot (-1: base)
 
 
+def row_delta(row: RowAdapter, layer: str) -> SlotDelta | None:
+    state, slot = row
+    per_slot = state.layers.get(layer)
+    return None if slot < 0 or per_slot is None else per_slot[slot]
+
+
 class RowPlan:
-    """How one forward adds each row's delta to the targeted projections. Each row keeps the bank state it was
-    admitted under, so that a registration mid-request changes nothing for requests in flight. Built once per
-    batch composition and reused across decode steps."""
+    """How the decode rows of a batch get their deltas: one block-diagonal CSR product for all rows with a
+    sparse delta, one grouped product per dense or low-rank delta. Each row keeps the bank state it was admitted
+    under, so that a registration changes nothing for requests in flight. Built once per batch composition and
+    reused across decode steps (the per-layer parts lazily, on first use)."""
 
     def __init__(self, rows: list[RowAdapter], device):
         self.rows = rows
         self.n = len(rows)
         self.device = device
-        first = rows[0]
-        self.single = first if all(r[0] is first[0] and r[1] == first[1] for r in rows) else None
         self._blockdiag: dict[str, torch.Tensor | None] = {}
         self._groups: dict[str, list[tuple[torch.Tensor, SlotDelta]]] = {}
 
@@ -181,18 +186,11 @@ class RowPlan:
     def key(rows: list[RowAdapter]) -> tuple:
         return tuple((id(state), slot) for state, slot in rows)
 
-    @staticmethod
-    def _delta(row: RowAdapter, layer: str) -> SlotDelta | None:
-        state, slot = row
-        per_slot = state.layers.get(layer)
-        return None if slot < 0 or per_slot is None else per_slot[slot]
-
     def _prepare(self, layer: str) -> None:
-        """The block-diagonal CSR of this layer's sparse rows, and the rows of each dense or low-rank delta."""
         sparse: dict[int, SlotDelta] = {}
         groups: dict[int, tuple[SlotDelta, list[int]]] = {}
         for i, row in enumerate(self.rows):
-            delta = self._delta(row, layer)
+            delta = row_delta(row, layer)
             if delta is None:
                 continue
             if delta.kind == "sparse":
@@ -219,24 +217,38 @@ class RowPlan:
         self._blockdiag[layer] = block
         self._groups[layer] = [(torch.tensor(rows, device=self.device), delta) for delta, rows in groups.values()]
 
-    def project(self, layer: str, lin: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """Base projection plus each row's delta. x: (n, d_in) in decode (one token per row), or (T, d_in) in a
-        single-request prefill (one row: every token is that request's)."""
-        if self.single is not None:
-            state, slot = self.single
-            if slot == 0 and layer in state.stack_weights:  # only @stack rows: the merged weights, no extra cost
-                return F.linear(x, state.stack_weights[layer], lin.bias)
-            y = F.linear(x, lin.weight, lin.bias)
-            delta = self._delta(self.single, layer)
-            if delta is not None:
-                y += delta.apply(x).to(y.dtype)
-            return y
+    def add(self, layer: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y += each row's Δ·x, in place. x: (n, d_in), y: (n, d_out)."""
         if layer not in self._blockdiag:
             self._prepare(layer)
-        y = F.linear(x, lin.weight, lin.bias)  # (n, d_out)
         block = self._blockdiag[layer]
         if block is not None:
             y += (block @ x.float().reshape(-1)).view(self.n, -1).to(y.dtype)
         for rows, delta in self._groups[layer]:
             y.index_add_(0, rows, delta.apply(x.index_select(0, rows)).to(y.dtype))
+
+
+class StepPlan:
+    """The deltas of one forward: the decode rows (first ``rows.n`` positions of x), then prompt segments
+    ``(begin, end, adapter)`` of x that each belong to one request."""
+
+    def __init__(self, rows: RowPlan | None, segments: list[tuple[int, int, RowAdapter]]):
+        self.rows = rows
+        self.segments = segments
+        everyone = (rows.rows if rows else []) + [adapter for _, _, adapter in segments]
+        # Every position on the same @stack: the merged weights W + Σ serve it at the cost of @base.
+        self.all_stack = everyone[0] if everyone and all(
+            a[0] is everyone[0][0] and a[1] == 0 for a in everyone) else None
+
+    def project(self, layer: str, lin: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, d_in) -> x·Wᵀ (+ bias) + each position's own Δ·x: (N, d_out)."""
+        if self.all_stack is not None and layer in self.all_stack[0].stack_weights:
+            return F.linear(x, self.all_stack[0].stack_weights[layer], lin.bias)
+        y = F.linear(x, lin.weight, lin.bias)
+        if self.rows is not None and self.rows.n:
+            self.rows.add(layer, x[:self.rows.n], y[:self.rows.n])
+        for begin, end, adapter in self.segments:
+            delta = row_delta(adapter, layer)
+            if delta is not None:
+                y[begin:end] += delta.apply(x[begin:end]).to(y.dtype)
         return y

@@ -35,4 +35,5 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=0, le=100_000, description="requests waiting for a row before 429")
     max_model_len: int | None = Field(None, ge=16, description="context (prompt + new tokens); default "
                                       "min(model's, 2048)")
-    prefill_budget: int = Field(2048, ge=1, description="prompt tokens prefilled between two decode steps")
+    prefill_budget: int = Field(256, ge=1, description="prompt tokens prefilled per step, in the same forward "
+                                "as the decode rows (longer prompts are chunked)")

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .bank import BASE, BankState, RowPlan
+from .bank import BASE, BankState, RowPlan, StepPlan
 from .errors import BadRequest, JumploraError, NotFound, NotReady, Overloaded
 from .metrics import Metrics
-from .runner import ModelRunner
+from .runner import Chunk, ModelRunner
 from .sampling import Detokenizer, SamplingParams, make_generator, sample
 
 log = logging.getLogger(__name__)
@@ -72,15 +72,21 @@ class Sequence:
         self.params = handle.params
         self.gen = make_generator(handle.params)
         self.detok = Detokenizer(tokenizer, handle.prompt_ids, handle.params.stop)
-        self.pos = len(handle.prompt_ids)  # tokens in the cache
-        self.last = -1  # the token to feed at the next step
+        self.row: int | None = None  # cache row, from its first prompt chunk on
+        self.pos = 0  # tokens in the cache (the prompt first, chunk by chunk)
+        self.last = -1  # the token to feed at the next decode step
         self.generated = 0
         self.last_time = 0.0
 
 
 class Engine:
+    """Rows 0..n-1 of the cache hold the requests that are decoding (``_decoding[i].row == i``); requests whose
+    prompt is being prefilled (``_prefilling``, first come first served) hold rows above those. Each step runs
+    one forward over all decode rows plus up to ``prefill_budget`` prompt tokens, chunking a long prompt over
+    several steps."""
+
     def __init__(self, runner: ModelRunner, tokenizer, state: BankState, metrics: Metrics, *, max_batch: int,
-                 max_queue: int, max_len: int, prefill_budget: int = 2048):
+                 max_queue: int, max_len: int, prefill_budget: int = 512):
         self.runner, self.tokenizer, self.metrics = runner, tokenizer, metrics
         self.max_batch, self.max_queue, self.max_len = max_batch, max_queue, max_len
         self.prefill_budget = prefill_budget
@@ -91,7 +97,8 @@ class Engine:
         self._pending_state: BankState | None = None
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._cv = threading.Condition()
-        self._active: list[Sequence] = []
+        self._decoding: list[Sequence] = []
+        self._prefilling: list[Sequence] = []
         self._plan_key: tuple | None = None
         self._plan: RowPlan | None = None
         self._stopping = False
@@ -159,19 +166,21 @@ class Engine:
                     break
                 if self._pending_state is not None:
                     self._state, self._pending_state = self._pending_state, None
-                if not self._active and not self._waiting:
+                if not self._decoding and not self._prefilling and not self._waiting:
                     self._cv.wait(timeout=0.5)
                     continue
             try:
                 self._drop_cancelled()
                 self._admit()
-                if self._active:
+                if self._decoding or self._prefilling:
                     self._step()
+                self.metrics.batch_size.set(len(self._decoding))
             except Exception as e:  # a failed step fails its requests, not the server
                 log.exception("engine step failed")
-                for seq in self._active:
+                for seq in self._decoding + self._prefilling:
                     seq.handle.emit(Failed(e))
-                self._active.clear()
+                self._decoding.clear()
+                self._prefilling.clear()
         self._fail_all(NotReady("the server is shutting down"))
 
     def _fail_all(self, error: JumploraError) -> None:
@@ -179,77 +188,120 @@ class Engine:
             waiting, self._waiting = list(self._waiting), collections.deque()
         for handle in waiting:
             handle.emit(Failed(error))
-        for seq in self._active:
+        for seq in self._decoding + self._prefilling:
             seq.handle.emit(Failed(error))
-        self._active.clear()
+        self._decoding.clear()
+        self._prefilling.clear()
+
+    def _count_cancelled(self, handle: RequestHandle) -> None:
+        self.metrics.requests.labels(handle.task, handle.endpoint, "499").inc()
 
     def _drop_cancelled(self) -> None:
         with self._cv:
-            kept = [h for h in self._waiting if not h.cancelled]
             for h in self._waiting:
                 if h.cancelled:
-                    self.metrics.requests.labels(h.task, h.endpoint, "499").inc()
-            self._waiting = collections.deque(kept)
-            self.metrics.queue_length.set(len(kept))
-        gone = [i for i, seq in enumerate(self._active) if seq.handle.cancelled]
+                    self._count_cancelled(h)
+            self._waiting = collections.deque(h for h in self._waiting if not h.cancelled)
+            self.metrics.queue_length.set(len(self._waiting))
+        for seq in self._prefilling:
+            if seq.handle.cancelled:
+                self._count_cancelled(seq.handle)
+        self._prefilling = [seq for seq in self._prefilling if not seq.handle.cancelled]
+        gone = [i for i, seq in enumerate(self._decoding) if seq.handle.cancelled]
         for i in gone:
-            h = self._active[i].handle
-            self.metrics.requests.labels(h.task, h.endpoint, "499").inc()
+            self._count_cancelled(self._decoding[i].handle)
         self._remove(gone)
 
     def _admit(self) -> None:
-        budget = self.prefill_budget
-        while len(self._active) < self.max_batch and budget > 0:
+        """Take waiting requests while rows are free; each keeps the bank state of its admission."""
+        while len(self._decoding) + len(self._prefilling) < self.max_batch:
             with self._cv:
                 if not self._waiting:
                     break
                 handle = self._waiting.popleft()
                 self.metrics.queue_length.set(len(self._waiting))
-            if handle.cancelled:
-                continue
-            state = self._state
             try:
-                slot = state.slot_of(handle.task)
+                slot = self._state.slot_of(handle.task)
             except KeyError:  # the task went away while the request waited
                 handle.emit(Failed(NotFound(f"task {handle.task!r} is no longer served", param="task")))
                 continue
-            seq = Sequence(handle, (state, slot), self.tokenizer)
-            row = len(self._active)
-            logits = self.runner.prefill(row, handle.prompt_ids, RowPlan([seq.adapter], self.runner.device))
-            budget -= len(handle.prompt_ids)
-            self.metrics.prompt_tokens.labels(handle.task).inc(len(handle.prompt_ids))
-            token = sample(logits[None], [seq.params], [seq.gen])[0]
-            if not self._advance(seq, token):
-                self._active.append(seq)
-        self.metrics.batch_size.set(len(self._active))
+            self._prefilling.append(Sequence(handle, (self._state, slot), self.tokenizer))
+
+    def _free_row(self, above: int) -> int:
+        used = {seq.row for seq in self._prefilling if seq.row is not None}
+        return next(r for r in range(above, self.max_batch) if r not in used)
+
+    def _chunks(self) -> list[tuple[Sequence, Chunk]]:
+        """Prompt chunks for this step, first come first served, within the prefill budget."""
+        budget, out = self.prefill_budget, []
+        for seq in self._prefilling:
+            if budget <= 0:
+                break
+            ids = seq.handle.prompt_ids
+            take = min(len(ids) - seq.pos, budget)
+            if seq.row is None:
+                seq.row = self._free_row(len(self._decoding))
+            out.append((seq, Chunk(seq.row, ids[seq.pos:seq.pos + take], seq.pos, seq.pos + take == len(ids))))
+            budget -= take
+        return out
 
     def _step(self) -> None:
         start = time.monotonic()
-        rows = [seq.adapter for seq in self._active]
+        rows = [seq.adapter for seq in self._decoding]
         key = RowPlan.key(rows)
         if key != self._plan_key:
             self._plan, self._plan_key = RowPlan(rows, self.runner.device), key
-        dev = self.runner.device
-        tokens = torch.tensor([seq.last for seq in self._active], device=dev)
-        positions = torch.tensor([seq.pos for seq in self._active], device=dev)
-        logits = self.runner.decode(tokens, positions, self._plan)  # (n, vocab)
-        chosen = sample(logits, [s.params for s in self._active], [s.gen for s in self._active])
+        chunks = self._chunks()
+        n = len(self._decoding)
+        segments, offset = [], n
+        for seq, chunk in chunks:
+            segments.append((offset, offset + len(chunk.token_ids), seq.adapter))
+            offset += len(chunk.token_ids)
+        tokens = torch.tensor([seq.last for seq in self._decoding], dtype=torch.long)
+        positions = torch.tensor([seq.pos for seq in self._decoding], dtype=torch.long)
+        logits, chunk_logits = self.runner.step(tokens, positions, [c for _, c in chunks],
+                                                StepPlan(self._plan if n else None, segments))
+        # decode rows
+        chosen = sample(logits, [s.params for s in self._decoding], [s.gen for s in self._decoding]) if n else []
         done = []
-        for i, (seq, token) in enumerate(zip(self._active, chosen)):
+        for i, (seq, token) in enumerate(zip(self._decoding, chosen)):
             seq.pos += 1
             if self._advance(seq, token):
                 done.append(i)
         self._remove(done)
+        # prompt chunks; a finished prompt gives its request's first token and a decode row
+        for (seq, chunk), lg in zip(chunks, chunk_logits):
+            seq.pos = chunk.end
+            self.metrics.prompt_tokens.labels(seq.handle.task).inc(len(chunk.token_ids))
+            if lg is None:
+                continue
+            self._prefilling.remove(seq)
+            token = sample(lg[None], [seq.params], [seq.gen])[0]
+            if not self._advance(seq, token):
+                self._start_decoding(seq)
         elapsed = time.monotonic() - start
-        self.step_times.append(elapsed)
-        self.metrics.step_seconds.observe(elapsed)
-        self.metrics.batch_size.set(len(self._active))
+        if n:
+            self.step_times.append(elapsed)
+            self.metrics.step_seconds.observe(elapsed)
+
+    def _start_decoding(self, seq: Sequence) -> None:
+        """Give ``seq`` the next decode row, moving its cache there (and a prefilling request out of the way)."""
+        target = len(self._decoding)
+        if seq.row != target:
+            blocker = next((s for s in self._prefilling if s.row == target), None)
+            if blocker is not None:
+                row = self._free_row(target + 1)
+                self.runner.cache.move_row(target, row, blocker.pos)
+                blocker.row = row
+            self.runner.cache.move_row(seq.row, target, seq.pos)
+            seq.row = target
+        self._decoding.append(seq)
 
     def _advance(self, seq: Sequence, token: int) -> bool:
         """Take the token chosen for ``seq``; emit it; return True when the request is finished."""
         now = time.monotonic()
         handle = seq.handle
-        if token in self.eos_ids:
+        if token in self.eos_ids and not seq.params.ignore_eos:
             return self._finish(seq, "eos")
         seq.generated += 1
         piece = seq.detok.push(token)
@@ -275,13 +327,15 @@ class Engine:
         return True
 
     def _remove(self, indices: list[int]) -> None:
-        """Free the rows at ``indices``, keeping the active rows packed at the front of the cache."""
+        """Free the decode rows at ``indices``, keeping the decode rows packed at the front of the cache."""
         for i in sorted(indices, reverse=True):
-            last = len(self._active) - 1
+            last = len(self._decoding) - 1
             if i != last:
-                self.runner.cache.move_row(last, i, self._active[last].pos)
-                self._active[i] = self._active[last]
-            self._active.pop()
+                moved = self._decoding[last]
+                self.runner.cache.move_row(last, i, moved.pos)
+                moved.row = i
+                self._decoding[i] = moved
+            self._decoding.pop()
 
     # -- introspection ---------------------------------------------------------------------------------------
 
@@ -291,4 +345,4 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self._active)
+        return len(self._decoding) + len(self._prefilling)

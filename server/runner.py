@@ -8,6 +8,7 @@ rotary positions and the cache layout are ours. Outputs match the transformers f
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -23,6 +24,20 @@ class Plan(Protocol):
 
     def project(self, layer: str, lin: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """x: (N, d_in) -> (N, d_out) = x·Wᵀ (+ bias) + each row's Δ·x, rows as planned for this forward."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Part of a prompt to prefill: ``token_ids`` go to cache row ``row`` at positions start..end-1."""
+
+    row: int
+    token_ids: list[int]
+    start: int
+    last: bool  # the chunk ends the prompt: its last position's logits choose the first new token
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.token_ids)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -125,52 +140,69 @@ class ModelRunner:
         gated = layer.mlp.act_fn(self._project(i, "gate_proj", x, plan)) * self._project(i, "up_proj", x, plan)
         return h + self._project(i, "down_proj", gated, plan)
 
-    # -- prefill: one request, T tokens ----------------------------------------------------------------------
+    # -- one step: decode rows and prompt chunks in one forward ----------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, row: int, token_ids: list[int], plan: Plan | None) -> torch.Tensor:
-        """Run a prompt for cache row ``row`` from position 0; return the last position's logits (vocab,) fp32."""
-        t = len(token_ids)
-        self.cache.ensure_clean(t)
-        ids = torch.tensor(token_ids, device=self.device)
-        h = self.decoder.embed_tokens(ids)  # (T, d)
-        cos, sin = self._rope(torch.arange(t, device=self.device), h)
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(i, layer.input_layernorm(h), cos, sin, plan)  # (T, H|KV, hd)
-            self.cache.k[i][row, :, :t] = k.transpose(0, 1)
-            self.cache.v[i][row, :, :t] = v.transpose(0, 1)
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                is_causal=True, scale=self.scale, enable_gqa=self.group > 1)  # (1, H, T, hd)
-            h = self._block_tail(i, h, out[0].transpose(0, 1).reshape(t, -1), plan)
-        last = self.decoder.norm(h[-1:])  # (1, d)
-        return self.lm_head(last)[0].float()
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, chunks: list[Chunk],
+             plan: Plan | None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """One forward over rows 0..n-1 decoding one token each (``tokens`` and ``positions``: (n,)), plus prompt
+        chunks of other rows. The weights are read once for all of it, which is what makes adding prefill to a
+        decode step nearly free on a memory-bound machine.
 
-    # -- decode: n rows, one token each ----------------------------------------------------------------------
-
-    @torch.inference_mode()
-    def decode(self, token_ids: torch.Tensor, positions: torch.Tensor, plan: Plan | None) -> torch.Tensor:
-        """One step for rows 0..n-1: ``token_ids`` (n,) at ``positions`` (n,) (each row's current length).
-        Returns logits (n, vocab) fp32."""
-        n = token_ids.shape[0]
-        span = int(positions.max()) + 1  # attend over positions < span; shorter rows are masked
-        self.cache.ensure_clean(span)
-        rows = torch.arange(n, device=self.device)
-        h = self.decoder.embed_tokens(token_ids)  # (n, d)
-        cos, sin = self._rope(positions, h)
+        Returns the decode rows' logits (n, vocab) fp32, and per chunk the logits after its last token
+        (vocab,) when the chunk ends its prompt, else None."""
+        n = int(tokens.shape[0])
+        dev = self.device
+        ids = torch.cat([tokens.to(dev)] + [torch.tensor(c.token_ids, device=dev) for c in chunks])  # (N,)
+        pos = torch.cat([positions.to(dev)] + [torch.arange(c.start, c.end, device=dev) for c in chunks])  # (N,)
+        bounds, offset = [], n
+        for c in chunks:
+            bounds.append((offset, offset + len(c.token_ids)))
+            offset += len(c.token_ids)
+        span = int(positions.max()) + 1 if n else 0  # decode rows attend over positions < span
+        self.cache.ensure_clean(max([span] + [c.end for c in chunks]))
+        rows = torch.arange(n, device=dev)
         # (n, 1, 1, span): True where a position lies beyond the row's own length
-        masked = (torch.arange(span, device=self.device)[None, :] > positions[:, None])[:, None, None, :]
+        masked = (torch.arange(span, device=dev)[None, :] > positions.to(dev)[:, None])[:, None, None, :]
+        chunk_masks = [None if c.start == 0 else  # (T, end): a prompt token sees the cache up to itself
+                       torch.arange(c.end, device=dev)[None, :] <= torch.arange(c.start, c.end, device=dev)[:, None]
+                       for c in chunks]
+        h = self.decoder.embed_tokens(ids)  # (N, d)
+        cos, sin = self._rope(pos, h)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(i, layer.input_layernorm(h), cos, sin, plan)  # (n, H|KV, hd)
+            q, k, v = self._qkv(i, layer.input_layernorm(h), cos, sin, plan)  # (N, H|KV, hd)
             kc, vc = self.cache.k[i], self.cache.v[i]
-            kc[rows, :, positions] = k
-            vc[rows, :, positions] = v
-            keys = kc[:n, :, :span]  # (n, KV, span, hd): a strided view, no copy
-            values = vc[:n, :, :span]
-            qg = q.view(n, self.n_kv, self.group, self.head_dim)  # (n, KV, G, hd): GQA without repeating K/V
-            scores = torch.matmul(qg, keys.transpose(-1, -2)) * self.scale  # (n, KV, G, span)
-            scores = scores.masked_fill(masked, float("-inf"))
-            probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
-            out = torch.matmul(probs, values).reshape(n, -1)  # (n, H*hd)
+            out = torch.empty(q.shape[0], self.n_heads * self.head_dim, dtype=q.dtype, device=dev)  # (N, H*hd)
+            if n:
+                kc[rows, :, positions] = k[:n]
+                vc[rows, :, positions] = v[:n]
+                keys, values = kc[:n, :, :span], vc[:n, :, :span]  # (n, KV, span, hd): strided views, no copy
+                qg = q[:n].view(n, self.n_kv, self.group, self.head_dim)  # (n, KV, G, hd): GQA, K/V not repeated
+                scores = torch.matmul(qg, keys.transpose(-1, -2)) * self.scale  # (n, KV, G, span)
+                probs = torch.softmax(scores.masked_fill(masked, float("-inf")).float(), dim=-1).to(values.dtype)
+                out[:n] = torch.matmul(probs, values).reshape(n, -1)
+            for c, (a, b), mask in zip(chunks, bounds, chunk_masks):
+                kc[c.row, :, c.start:c.end] = k[a:b].transpose(0, 1)
+                vc[c.row, :, c.start:c.end] = v[a:b].transpose(0, 1)
+                attn = F.scaled_dot_product_attention(
+                    q[a:b].transpose(0, 1)[None], kc[c.row, :, :c.end][None], vc[c.row, :, :c.end][None],
+                    attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=self.group > 1)
+                out[a:b] = attn[0].transpose(0, 1).reshape(b - a, -1)  # (T, H*hd)
             h = self._block_tail(i, h, out, plan)
-        return self.lm_head(self.decoder.norm(h)).float()  # (n, vocab)
+        last = [b - 1 for c, (_, b) in zip(chunks, bounds) if c.last]
+        picked = torch.cat([rows, torch.tensor(last, dtype=torch.long, device=dev)])
+        logits = self.lm_head(self.decoder.norm(h[picked])).float()  # (n + chunks that end, vocab)
+        chunk_logits, j = [], n
+        for c in chunks:
+            chunk_logits.append(logits[j] if c.last else None)
+            j += c.last
+        return logits[:n], chunk_logits
+
+    def prefill(self, row: int, token_ids: list[int], plan: Plan | None) -> torch.Tensor:
+        """A whole prompt for row ``row`` alone; the last position's logits (vocab,)."""
+        empty = torch.empty(0, dtype=torch.long)
+        return self.step(empty, empty, [Chunk(row, list(token_ids), 0, True)], plan)[1][0]
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, plan: Plan | None) -> torch.Tensor:
+        """One decode step for rows 0..n-1 alone; logits (n, vocab)."""
+        return self.step(tokens, positions, [], plan)[0]

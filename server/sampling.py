@@ -15,6 +15,7 @@ class SamplingParams:
     top_k: int = 0  # 0: off
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # keep generating through end-of-sequence tokens (benchmarks)
 
     @property
     def greedy(self) -> bool:

@@ -59,6 +59,7 @@ class GenerateRequest(SamplingFields):
     prompt: str
     max_new_tokens: int = Field(32, ge=1, le=32768)
     stream: bool = False
+    ignore_eos: bool = Field(False, description="generate max_new_tokens even past end-of-sequence (benchmarks)")
 
 
 class Usage(BaseModel):

@@ -17,7 +17,8 @@ router = APIRouter(tags=["generate"])
              responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream"}})
 async def generate(req: GenerateRequest, state: Ready, request: Request):
     params = SamplingParams(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
-                            top_k=req.top_k, seed=req.seed, stop=stop_list(req.stop))
+                            top_k=req.top_k, seed=req.seed, stop=stop_list(req.stop),
+                            ignore_eos=req.ignore_eos)
     handle = state.engine.submit(req.task, req.prompt, params, "generate", asyncio.get_running_loop())
     if not req.stream:
         done = await streaming.final(state, handle, request)

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from adapters_store import AdapterStore
+from benchmarks.loopback import ServerProcess
 from support import put_task, task_deltas
 
 TASKS = ["alpha", "beta", "gamma"]
@@ -18,8 +19,6 @@ TASKS = ["alpha", "beta", "gamma"]
 @pytest.fixture(scope="module")
 def served(tiny_model_dir, tiny_base, tmp_path_factory):
     """A server over a store holding three sparse tasks plus a corrupt and a foreign adapter."""
-    from conftest import ServerProcess
-
     root = tmp_path_factory.mktemp("api")
     store = AdapterStore(root / "store")
     for order, name in enumerate(TASKS):

@@ -22,10 +22,10 @@ def bank(tiny_base):
     return make_bank(tiny_base.model)
 
 
-def make_engine(base, state, *, start=True, max_batch=8, max_queue=64, max_len=128):
+def make_engine(base, state, *, start=True, max_batch=8, max_queue=64, max_len=128, prefill_budget=256):
     runner = ModelRunner(base.model, max_rows=max_batch, max_len=max_len)
     engine = Engine(runner, base.tokenizer, state, Metrics(), max_batch=max_batch, max_queue=max_queue,
-                    max_len=max_len)
+                    max_len=max_len, prefill_budget=prefill_budget)
     if start:
         engine.start()
     return engine
@@ -74,9 +74,11 @@ MIX = [("sparse-a", "the cat sat", 9), ("dense-b", "on a mat", 4), (BASE, "hello
        (STACK, "zz top", 7), ("lowrank-c", "abc def ghi", 10), ("sparse-a", "q", 3), (STACK, "more text", 11)]
 
 
-def test_continuous_batching_matches_alone_and_merged_reference(tiny_base, bank):
+@pytest.mark.parametrize("prefill_budget", [256, 3])  # 3: prompts are chunked over several steps
+def test_continuous_batching_matches_alone_and_merged_reference(tiny_base, bank, prefill_budget):
     state, refs = bank
-    engine = make_engine(tiny_base, state, max_batch=4)  # fewer rows than requests: some wait, then join
+    # Fewer rows than requests: some wait, then join the running batch.
+    engine = make_engine(tiny_base, state, max_batch=4, prefill_budget=prefill_budget)
     try:
         reqs = [(task, prompt, SamplingParams(max_new_tokens=n)) for task, prompt, n in MIX]
         together = run(engine, reqs, delays=[0, 0, 0.05, 0.1, 0.1, 0.2, 0.3])

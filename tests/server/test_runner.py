@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.bank import BASE, STACK, RowPlan
+from server.bank import BASE, STACK, RowPlan, StepPlan
 from server.model import merged_deltas
 from server.runner import ModelRunner
 from support import make_bank
@@ -32,10 +32,10 @@ def _greedy(runner, plan_rows, prompts_ids, steps):
     Returns per row: the generated tokens and the logits that chose each (first from the prefill)."""
     tokens, logits = [], []
     for row, (adapter, ids) in enumerate(zip(plan_rows, prompts_ids)):
-        lg = runner.prefill(row, ids, RowPlan([adapter], runner.device))
+        lg = runner.prefill(row, ids, StepPlan(None, [(0, len(ids), adapter)]))
         tokens.append([int(lg.argmax())])
         logits.append([lg])
-    plan = RowPlan(plan_rows, runner.device)
+    plan = StepPlan(RowPlan(plan_rows, runner.device), [])
     positions = torch.tensor([len(ids) for ids in prompts_ids])
     for _ in range(steps):
         lg = runner.decode(torch.tensor([t[-1] for t in tokens]), positions, plan)
@@ -83,7 +83,7 @@ def test_rows_leaving_and_moving_keep_their_cache(tiny_base, bank):
     tokens, _ = _greedy(runner, rows, ids, 2)  # three rows, two steps
     runner.cache.move_row(2, 0, len(ids[2]) + 2)  # row 0 leaves; row 2 moves to 0; row 1 stays
     seq = tokens[2]
-    plan = RowPlan([rows[2], rows[1]], runner.device)
+    plan = StepPlan(RowPlan([rows[2], rows[1]], runner.device), [])
     pos = torch.tensor([len(ids[2]) + 2, len(ids[1]) + 2])
     last = torch.tensor([tokens[2][-1], tokens[1][-1]])
     for _ in range(STEPS - 2):

@@ -1,0 +1,222 @@
+"""Serving benchmark: aggregate decode tokens/s and request latency over HTTP at several concurrencies, for
+(a) all ``@base``, (b) requests spread evenly over 8 task adapters (random sparse deltas at the density of a
+rank-8 JumpLoRA adapter), (c) all ``@stack``; and the anchor: Hugging Face ``generate`` on the base model
+with static batches of the same sizes and the same requests.
+
+    python -m benchmarks.serving [--model PATH] [--concurrency 1 8 16 32] [--requests-per-stream 4]
+
+Every request is greedy and generates exactly its own max_new_tokens (drawn from --min-new..--max-new,
+seeded; end-of-sequence is ignored, so that every run decodes the same number of tokens). Tokens/s counts
+generated tokens over the wall time of the whole run, prefill included. The static-batch anchor runs each
+batch until its longest request is done, which is what static batching costs; its tokens/s counts, as ours
+does, only the tokens each request asked for.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "Explain what a hash table is to a new programmer.",
+    "List three tips for staying focused while studying.",
+    "What is the capital of Australia, and why was it chosen?",
+    "Summarize the plot of a detective story in two sentences.",
+    "Give me a recipe for a simple tomato soup.",
+    "Describe the water cycle.",
+    "Why is the sky blue?",
+    "Translate 'good morning, how are you?' into French and explain each word.",
+    "Tell me a fun fact about octopuses.",
+    "What are the pros and cons of working from home?",
+    "Write a haiku about autumn leaves.",
+    "How does a bicycle stay upright when it moves?",
+    "Suggest a name for a small bakery and explain it.",
+    "What should I pack for a weekend hiking trip?",
+    "Explain recursion with an everyday example.",
+]
+N_TASKS = 8
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def make_requests(n: int, lo: int, hi: int, seed: int) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    return [(PROMPTS[i % len(PROMPTS)], rng.randint(lo, hi)) for i in range(n)]
+
+
+def write_store(root: Path, model, fingerprint: str, rank: int = 8, seed: int = 0) -> list[str]:
+    """Eight random task adapters at the density of a rank-``rank`` JumpLoRA adapter on q_proj and v_proj."""
+    import torch
+
+    from adapters_store import AdapterStore, SparseDelta
+    from server.model import target_linears
+
+    layers = target_linears(model, ["q_proj", "v_proj"])
+    n_lora = sum(rank * sum(m.weight.shape) for m in layers.values())
+    n_all = sum(m.weight.numel() for m in layers.values())
+    density = n_lora / n_all
+    store = AdapterStore(root)
+    names = []
+    g = torch.Generator().manual_seed(seed)
+    for t in range(N_TASKS):
+        deltas = {}
+        for name, m in layers.items():
+            mask = torch.rand(m.weight.shape, generator=g) < density
+            deltas[name] = SparseDelta.from_dense(torch.randn(m.weight.shape, generator=g) * 1e-3 * mask)
+        name = f"task-{t}"
+        store.put(name, deltas, {"base_fingerprint": fingerprint, "method": "jumplora", "regularizer": "incremental",
+                                 "order": t, "targets": ["q_proj", "v_proj"], "rank": rank, "alpha": 32.0,
+                                 "metrics": {"density": density}})
+        names.append(name)
+    print(f"stored {N_TASKS} random adapters at density {density:.4f} (N_LoRA {n_lora} of {n_all})", flush=True)
+    return names
+
+
+async def drive(url: str, tasks: list[str], requests: list[tuple[str, int]], streams: int) -> dict:
+    """``streams`` clients, each sending its share of ``requests`` back to back."""
+    import httpx
+
+    latencies: list[float] = []
+    tokens = 0
+    failures = 0
+    queue = list(enumerate(requests))
+
+    async def client(c: httpx.AsyncClient):
+        nonlocal tokens, failures
+        while queue:
+            i, (prompt, n) = queue.pop(0)
+            body = {"task": tasks[i % len(tasks)], "prompt": prompt, "max_new_tokens": n, "ignore_eos": True}
+            start = time.perf_counter()
+            r = await c.post(url + "/v1/generate", json=body)
+            if r.status_code != 200:
+                failures += 1
+                continue
+            latencies.append(time.perf_counter() - start)
+            tokens += r.json()["usage"]["completion_tokens"]
+
+    async with httpx.AsyncClient(timeout=600) as c:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(c) for _ in range(streams)))
+        wall = time.perf_counter() - start
+    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "p50_s": percentile(latencies, 50),
+            "p99_s": percentile(latencies, 99), "requests": len(latencies), "failures": failures}
+
+
+def hf_anchor(model, tokenizer, requests: list[tuple[str, int]], batch: int) -> dict:
+    """transformers ``generate`` with static batches of ``batch`` requests (left padding, greedy)."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokens, latencies = 0, []
+    start = time.perf_counter()
+    for i in range(0, len(requests), batch):
+        chunk = requests[i:i + batch]
+        enc = tokenizer([p for p, _ in chunk], return_tensors="pt", padding=True)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            longest = max(n for _, n in chunk)
+            out = model.generate(**enc, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
+                                 pad_token_id=pad)
+        dt = time.perf_counter() - t0
+        assert out.shape[1] - enc["input_ids"].shape[1] == longest
+        tokens += sum(n for _, n in chunk)
+        latencies += [dt] * len(chunk)
+    wall = time.perf_counter() - start
+    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "p50_s": percentile(latencies, 50),
+            "p99_s": percentile(latencies, 99), "requests": len(requests), "failures": 0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="local transformers model folder (default: the converted SmolLM2)")
+    ap.add_argument("--cache-dir", help="cache folder for the default model (default: the server's)")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32])
+    ap.add_argument("--requests-per-stream", type=int, default=4, help="requests = streams x this (at least 8)")
+    ap.add_argument("--min-new", type=int, default=32)
+    ap.add_argument("--max-new", type=int, default=128)
+    ap.add_argument("--cases", nargs="+", default=["base", "tasks", "stack", "hf"],
+                    choices=["base", "tasks", "stack", "hf"])
+    ap.add_argument("--dtype", default="auto", help="server and anchor dtype (auto: fp32 on CPU)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    from server.config import Settings
+
+    from .loopback import ServerProcess
+    from server.model import convert_default_model, load_base
+
+    cache = Path(args.cache_dir) if args.cache_dir else Settings().cache_dir
+    model_dir = Path(args.model) if args.model else convert_default_model(cache)
+    base = load_base(model_dir, cache, args.device, args.dtype)
+    results: dict = {"model": str(model_dir), "dtype": str(base.dtype), "device": str(base.device), "runs": []}
+    work = Path(tempfile.mkdtemp(prefix="jumplora-bench-"))
+    tasks = write_store(work / "store", base.model, base.fingerprint)
+    case_tasks = {"base": ["@base"], "tasks": tasks, "stack": ["@stack"]}
+    max_batch = max(args.concurrency)
+    server_cases = [c for c in args.cases if c != "hf"]
+    if server_cases:
+        server = ServerProcess(model_dir, work / "store", cache, extra_args=[
+            "--max-batch-size", str(max_batch), "--dtype", args.dtype, "--device", args.device,
+            "--log-level", "warning"], log_path=work / "server.log").wait_ready(timeout=300)
+        try:
+            # warm-up: every adapter once, so that first-use costs are not in the numbers
+            asyncio.run(drive(server.url, tasks + ["@stack", "@base"], make_requests(10, 4, 4, 1), 10))
+            for case in server_cases:
+                for streams in args.concurrency:
+                    reqs = make_requests(max(8, streams * args.requests_per_stream), args.min_new, args.max_new,
+                                         args.seed)
+                    r = asyncio.run(drive(server.url, case_tasks[case], reqs, streams))
+                    r.update(case=case, concurrency=streams)
+                    results["runs"].append(r)
+                    print(json.dumps(r), flush=True)
+        finally:
+            server.stop()
+    if "hf" in args.cases:
+        for streams in args.concurrency:
+            reqs = make_requests(max(8, streams * args.requests_per_stream), args.min_new, args.max_new, args.seed)
+            r = hf_anchor(base.model, base.tokenizer, reqs, streams)
+            r.update(case="hf", concurrency=streams)
+            results["runs"].append(r)
+            print(json.dumps(r), flush=True)
+    print(table(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def table(results: dict) -> str:
+    names = {"base": "(a) @base", "tasks": "(b) 8 tasks", "stack": "(c) @stack", "hf": "HF generate (static)"}
+    lines = ["| case | streams | tokens/s | p50 latency (s) | p99 latency (s) | requests | failures |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results["runs"]:
+        lines.append(f"| {names[r['case']]} | {r['concurrency']} | {r['tok_s']:.1f} | {r['p50_s']:.2f} | "
+                     f"{r['p99_s']:.2f} | {r['requests']} | {r['failures']} |")
+    by = {(r["case"], r["concurrency"]): r["tok_s"] for r in results["runs"]}
+    ratios = []
+    for (case, c), v in by.items():
+        if case == "tasks" and ("base", c) in by:
+            ratios.append(f"(b)/(a) at {c}: {v / by[('base', c)]:.2f}")
+        if case == "tasks" and ("hf", c) in by:
+            ratios.append(f"(b)/HF at {c}: {v / by[('hf', c)]:.2f}")
+    return "\n".join(lines + ([""] + ratios if ratios else []))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
