@@ -5,8 +5,10 @@ with static batches of the same sizes and the same requests.
 
     python -m benchmarks.serving [--model PATH] [--concurrency 1 8 16 32] [--requests-per-stream 4]
 
-Every request is greedy and generates exactly its own max_new_tokens (drawn from --min-new..--max-new,
-seeded; end-of-sequence is ignored, so that every run decodes the same number of tokens). Tokens/s counts
+Every request is greedy and has its own max_new_tokens (drawn from --min-new..--max-new, seeded). With
+--workload fixed (default) it generates exactly that many tokens (end-of-sequence ignored, so that every run
+decodes the same number of tokens); with --workload chat the prompt is in the model's chat template and
+generation stops at end of sequence. Tokens/s counts
 generated tokens over the wall time of the whole run, prefill included. The static-batch anchor runs each
 batch until its longest request is done, which is what static batching costs; its tokens/s counts, as ours
 does, only the tokens each request asked for.
@@ -52,9 +54,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[k]
 
 
-def make_requests(n: int, lo: int, hi: int, seed: int) -> list[tuple[str, int]]:
+def make_requests(n: int, lo: int, hi: int, seed: int, template=None) -> list[tuple[str, int]]:
+    """n (prompt, max_new_tokens) pairs; ``template`` formats a prompt (the chat workload)."""
     rng = random.Random(seed)
-    return [(PROMPTS[i % len(PROMPTS)], rng.randint(lo, hi)) for i in range(n)]
+    fmt = template or (lambda p: p)
+    return [(fmt(PROMPTS[i % len(PROMPTS)]), rng.randint(lo, hi)) for i in range(n)]
 
 
 def write_store(root: Path, model, fingerprint: str, rank: int = 8, seed: int = 0) -> list[str]:
@@ -85,7 +89,8 @@ def write_store(root: Path, model, fingerprint: str, rank: int = 8, seed: int = 
     return names
 
 
-async def drive(url: str, tasks: list[str], requests: list[tuple[str, int]], streams: int) -> dict:
+async def drive(url: str, tasks: list[str], requests: list[tuple[str, int]], streams: int,
+                ignore_eos: bool = True) -> dict:
     """``streams`` clients, each sending its share of ``requests`` back to back."""
     import httpx
 
@@ -98,7 +103,7 @@ async def drive(url: str, tasks: list[str], requests: list[tuple[str, int]], str
         nonlocal tokens, failures
         while queue:
             i, (prompt, n) = queue.pop(0)
-            body = {"task": tasks[i % len(tasks)], "prompt": prompt, "max_new_tokens": n, "ignore_eos": True}
+            body = {"task": tasks[i % len(tasks)], "prompt": prompt, "max_new_tokens": n, "ignore_eos": ignore_eos}
             start = time.perf_counter()
             r = await c.post(url + "/v1/generate", json=body)
             if r.status_code != 200:
@@ -115,8 +120,10 @@ async def drive(url: str, tasks: list[str], requests: list[tuple[str, int]], str
             "p99_s": percentile(latencies, 99), "requests": len(latencies), "failures": failures}
 
 
-def hf_anchor(model, tokenizer, requests: list[tuple[str, int]], batch: int) -> dict:
-    """transformers ``generate`` with static batches of ``batch`` requests (left padding, greedy)."""
+def hf_anchor(model, tokenizer, requests: list[tuple[str, int]], batch: int, ignore_eos: bool = True) -> dict:
+    """transformers ``generate`` with static batches of ``batch`` requests (left padding, greedy). A batch
+    runs until its longest request is done; each request counts the tokens it asked for, up to its end of
+    sequence unless ``ignore_eos``."""
     import torch
 
     tokenizer.padding_side = "left"
@@ -129,11 +136,13 @@ def hf_anchor(model, tokenizer, requests: list[tuple[str, int]], batch: int) -> 
         t0 = time.perf_counter()
         with torch.inference_mode():
             longest = max(n for _, n in chunk)
-            out = model.generate(**enc, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
-                                 pad_token_id=pad)
+            out = model.generate(**enc, max_new_tokens=longest, min_new_tokens=longest if ignore_eos else 0,
+                                 do_sample=False, pad_token_id=pad)
         dt = time.perf_counter() - t0
-        assert out.shape[1] - enc["input_ids"].shape[1] == longest
-        tokens += sum(n for _, n in chunk)
+        for row, (_, n) in zip(out[:, enc["input_ids"].shape[1]:].tolist(), chunk):
+            row = row[:n]
+            eos = tokenizer.eos_token_id
+            tokens += len(row) if ignore_eos or eos not in row else row.index(eos)
         latencies += [dt] * len(chunk)
     wall = time.perf_counter() - start
     return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "p50_s": percentile(latencies, 50),
@@ -155,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workload", choices=["fixed", "chat"], default="fixed",
+                    help="fixed: every request generates exactly its max_new_tokens (end of sequence ignored); "
+                    "chat: prompts in the model's chat template, generation stops at end of sequence (output "
+                    "lengths as the model chooses them, capped by max_new_tokens)")
     args = ap.parse_args(argv)
 
     from server.config import Settings
@@ -168,6 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"model": str(model_dir), "dtype": str(base.dtype), "device": str(base.device), "runs": []}
     work = Path(tempfile.mkdtemp(prefix="jumplora-bench-"))
     tasks = write_store(work / "store", base.model, base.fingerprint)
+    template = None
+    if args.workload == "chat":
+        def template(p: str) -> str:
+            return base.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                      add_generation_prompt=True)
+    ignore_eos = args.workload == "fixed"
+    results["workload"] = args.workload
     case_tasks = {"base": ["@base"], "tasks": tasks, "stack": ["@stack"]}
     max_batch = max(args.concurrency)
     server_cases = [c for c in args.cases if c != "hf"]
@@ -176,13 +196,15 @@ def main(argv: list[str] | None = None) -> int:
             "--max-batch-size", str(max_batch), "--dtype", args.dtype, "--device", args.device,
             "--log-level", "warning"], log_path=work / "server.log").wait_ready(timeout=300)
         try:
-            # warm-up: every adapter once, so that first-use costs are not in the numbers
-            asyncio.run(drive(server.url, tasks + ["@stack", "@base"], make_requests(10, 4, 4, 1), 10))
+            # warm-up: every adapter, and every cache row to full length, so that first-use costs (page faults
+            # in the KV cache) are not in the numbers
+            asyncio.run(drive(server.url, tasks + ["@stack", "@base"],
+                              make_requests(max_batch, args.max_new, args.max_new, 1), max_batch))
             for case in server_cases:
                 for streams in args.concurrency:
                     reqs = make_requests(max(8, streams * args.requests_per_stream), args.min_new, args.max_new,
-                                         args.seed)
-                    r = asyncio.run(drive(server.url, case_tasks[case], reqs, streams))
+                                         args.seed, template)
+                    r = asyncio.run(drive(server.url, case_tasks[case], reqs, streams, ignore_eos))
                     r.update(case=case, concurrency=streams)
                     results["runs"].append(r)
                     print(json.dumps(r), flush=True)
@@ -190,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
     if "hf" in args.cases:
         for streams in args.concurrency:
-            reqs = make_requests(max(8, streams * args.requests_per_stream), args.min_new, args.max_new, args.seed)
-            r = hf_anchor(base.model, base.tokenizer, reqs, streams)
+            reqs = make_requests(max(8, streams * args.requests_per_stream), args.min_new, args.max_new, args.seed,
+                                 template)
+            r = hf_anchor(base.model, base.tokenizer, reqs, streams, ignore_eos)
             r.update(case="hf", concurrency=streams)
             results["runs"].append(r)
             print(json.dumps(r), flush=True)

@@ -28,12 +28,15 @@ class ServerState:
         self.settings = settings
         self.metrics = Metrics()
         self.started_at = time.time()
-        self.base = self.store = self.registry = self.engine = None
+        self.base = self.store = self.registry = self.engine = self.jobs = None
         self.load_error: str | None = None
         self.ready = threading.Event()
 
-    def load(self) -> None:
+    def run(self) -> None:
+        """The model thread: load everything, then run the engine loop here until shutdown. All of the
+        server's torch work stays on this one thread (see ``Engine.run``)."""
         from .engine import Engine
+        from .jobs import JobFiles, JobManager
         from .model import load_base
         from .registry import Registry
         from .runner import ModelRunner
@@ -53,13 +56,36 @@ class ServerState:
             runner = ModelRunner(self.base.model, max_rows=s.max_batch_size, max_len=max_len)
             self.engine = Engine(runner, self.base.tokenizer, state, self.metrics, max_batch=s.max_batch_size,
                                  max_queue=s.max_queue, max_len=max_len, prefill_budget=s.prefill_budget)
-            self.engine.start()
-            self.ready.set()
+            self.jobs = JobManager(
+                JobFiles(self.store.root / ".jobs"), self._worker_command(), self.store.exists, self.store.manifest,
+                self._register, self.metrics,
+                worker_env={"OMP_NUM_THREADS": str(s.train_threads), "TOKENIZERS_PARALLELISM": "false"})
+            self.jobs.recover()
+            self.jobs.start()
         except Exception as e:  # reported by /readyz and by every route that needs the model
             log.exception("startup failed")
             self.load_error = str(e)
+            return
+        self.ready.set()
+        self.engine.run()
+
+    def _worker_command(self) -> list[str]:
+        import sys
+
+        s = self.settings
+        return [sys.executable, "-m", "server.worker", "--store", str(self.store.root), "--model",
+                str(self.base.path), "--fingerprint", self.base.fingerprint, "--device", self.base.device.type,
+                "--dtype", s.dtype, "--threads", str(s.train_threads)]
+
+    def _register(self) -> None:
+        """Load what the store gained and serve it from the engine's next step."""
+        state = self.registry.refresh()
+        if state is not None:
+            self.engine.set_state(state)
 
     def close(self) -> None:
+        if self.jobs is not None:
+            self.jobs.stop()
         if self.engine is not None:
             self.engine.stop()
 
@@ -70,8 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loader = threading.Thread(target=state.load, name="loader", daemon=True)
-        loader.start()
+        threading.Thread(target=state.run, name="model", daemon=True).start()
         yield
         state.close()
 

@@ -35,5 +35,8 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=0, le=100_000, description="requests waiting for a row before 429")
     max_model_len: int | None = Field(None, ge=16, description="context (prompt + new tokens); default "
                                       "min(model's, 2048)")
+    max_dataset_rows: int = Field(100_000, ge=1, description="rows of a posted task dataset")
+    max_dataset_bytes: int = Field(64 * 2**20, ge=1, description="bytes of a posted task dataset (body or file)")
+    train_threads: int = Field(1, ge=1, description="torch threads of the training worker (the rest serve)")
     prefill_budget: int = Field(256, ge=1, description="prompt tokens prefilled per step, in the same forward "
                                 "as the decode rows (longer prompts are chunked)")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .bank import BASE, BankState, RowPlan, StepPlan
+from .bank import BASE, BankState, BlockTables, RowPlan, StepPlan
 from .errors import BadRequest, JumploraError, NotFound, NotReady, Overloaded
 from .metrics import Metrics
 from .runner import Chunk, ModelRunner
@@ -45,8 +45,9 @@ class RequestHandle:
     """The API's side of one request: events arrive on ``queue`` from the engine thread."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, task: str, endpoint: str, prompt_ids: list[int],
-                 params: SamplingParams):
+                 params: SamplingParams, stream: bool = True):
         self.loop, self.task, self.endpoint = loop, task, endpoint
+        self.stream = stream  # False: no Token events, only the final one
         self.prompt_ids, self.params = prompt_ids, params
         self.queue: asyncio.Queue = asyncio.Queue()
         self.created = time.monotonic()
@@ -57,10 +58,40 @@ class RequestHandle:
         self.cancelled = True
 
     def emit(self, event) -> None:
+        """Send one event now (from any thread). The engine batches its events per step instead (``Outbox``)."""
+        Outbox.send(self.loop, [(self, event)])
+
+
+class Outbox:
+    """Events of one engine step, handed to the event loop in one wake-up: waking the event loop once per token
+    per request costs the engine thread the GIL hundreds of times per step."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[RequestHandle, object]] = []
+
+    def put(self, handle: RequestHandle, event) -> None:
+        if isinstance(event, Token) and not handle.stream:
+            return
+        self.items.append((handle, event))
+
+    def flush(self) -> None:
+        by_loop: dict[int, list] = {}
+        for handle, event in self.items:
+            by_loop.setdefault(id(handle.loop), []).append((handle, event))
+        self.items = []
+        for batch in by_loop.values():
+            Outbox.send(batch[0][0].loop, batch)
+
+    @staticmethod
+    def send(loop: asyncio.AbstractEventLoop, batch: list) -> None:
+        def deliver() -> None:
+            for handle, event in batch:
+                handle.queue.put_nowait(event)
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+            loop.call_soon_threadsafe(deliver)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
-            self.cancelled = True
+            for handle, _ in batch:
+                handle.cancelled = True
 
 
 class Sequence:
@@ -103,7 +134,10 @@ class Engine:
         self._plan: RowPlan | None = None
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._stopped = threading.Event()
         self.step_times: collections.deque[float] = collections.deque(maxlen=64)
+        self._outbox = Outbox()
+        self._tables = BlockTables(max_batch, runner.device)  # the one live RowPlan's block-diagonal deltas
 
     # -- called from the API (event loop thread) -------------------------------------------------------------
 
@@ -113,13 +147,24 @@ class Engine:
         return self._pending_state or self._state
 
     def start(self) -> None:
+        """Run the engine loop in a thread of its own."""
         self._thread.start()
+
+    def run(self) -> None:
+        """Run the engine loop in the calling thread until ``stop()``. The server calls this from the thread
+        that loaded the model: torch's OpenMP pool belongs to one thread, and a second thread running parallel
+        ops makes both slower (with more OpenMP threads than cores, GNU OpenMP stops spinning at barriers: a
+        16-row decode step of SmolLM2 on 2 cores went from 72 ms to 100 ms)."""
+        self._loop()
 
     def stop(self) -> None:
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        else:
+            self._stopped.wait(timeout=30)
 
     def set_state(self, state: BankState) -> None:
         """Serve ``state`` from the next step on; requests in flight keep the state they were admitted under."""
@@ -128,7 +173,8 @@ class Engine:
             self._cv.notify_all()
 
     def submit(self, task: str, prompt: str, params: SamplingParams, endpoint: str,
-               loop: asyncio.AbstractEventLoop, param_names: dict[str, str] | None = None) -> RequestHandle:
+               loop: asyncio.AbstractEventLoop, param_names: dict[str, str] | None = None,
+               stream: bool = True) -> RequestHandle:
         """Validate and queue a request. Raises NotFound (task), BadRequest (context length), Overloaded."""
         names = param_names or {}
         if task != BASE and task not in self.state.slots:
@@ -141,7 +187,7 @@ class Engine:
                 f"prompt ({len(ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) is "
                 f"{len(ids) + params.max_new_tokens}, over the context of {self.max_len} tokens",
                 param=names.get("max_new_tokens", "max_new_tokens"))
-        handle = RequestHandle(loop, task, endpoint, ids, params)
+        handle = RequestHandle(loop, task, endpoint, ids, params, stream)
         with self._cv:
             if self._stopping:
                 raise NotReady("the server is shutting down")
@@ -175,13 +221,16 @@ class Engine:
                 if self._decoding or self._prefilling:
                     self._step()
                 self.metrics.batch_size.set(len(self._decoding))
+                self._outbox.flush()
             except Exception as e:  # a failed step fails its requests, not the server
                 log.exception("engine step failed")
+                self._outbox.flush()
                 for seq in self._decoding + self._prefilling:
                     seq.handle.emit(Failed(e))
                 self._decoding.clear()
                 self._prefilling.clear()
         self._fail_all(NotReady("the server is shutting down"))
+        self._stopped.set()
 
     def _fail_all(self, error: JumploraError) -> None:
         with self._cv:
@@ -250,7 +299,7 @@ class Engine:
         rows = [seq.adapter for seq in self._decoding]
         key = RowPlan.key(rows)
         if key != self._plan_key:
-            self._plan, self._plan_key = RowPlan(rows, self.runner.device), key
+            self._plan, self._plan_key = RowPlan(rows, self.runner.device, self._tables), key
         chunks = self._chunks()
         n = len(self._decoding)
         segments, offset = [], n
@@ -311,7 +360,7 @@ class Engine:
             self.metrics.itl.labels(handle.task).observe(now - seq.last_time)
         seq.last_time = now
         self.metrics.generated_tokens.labels(handle.task).inc()
-        handle.emit(Token(piece, token))
+        self._outbox.put(handle, Token(piece, token))
         if seq.detok.stopped:
             return self._finish(seq, "stop")
         if seq.generated >= seq.params.max_new_tokens:
@@ -323,7 +372,8 @@ class Engine:
         tail = seq.detok.flush()
         if seq.detok.stopped:  # a stop string completed only once the last characters could be decoded
             reason = "stop"
-        seq.handle.emit(Finished(seq.detok.text, tail, reason, len(seq.handle.prompt_ids), seq.generated))
+        self._outbox.put(seq.handle, Finished(seq.detok.text, tail, reason, len(seq.handle.prompt_ids),
+                                              seq.generated))
         return True
 
     def _remove(self, indices: list[int]) -> None:

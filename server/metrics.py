@@ -40,6 +40,17 @@ class Metrics:
                                            "Stored adapters refused at load (corrupt, foreign, malformed)",
                                            ["task", "reason"], registry=r)
 
+        self.jobs = Gauge("jumplora_jobs", "Training jobs by state", ["state"], registry=r)
+        self.train_step = Gauge("jumplora_training_step", "Step of the running training job", registry=r)
+        self.train_loss = Gauge("jumplora_training_loss", "Loss at the last step of the running job", registry=r)
+        self.train_density = Gauge("jumplora_training_density",
+                                   "Share of delta entries the running job's gate keeps", registry=r)
+        self.train_tokens_per_s = Gauge("jumplora_training_tokens_per_second",
+                                        "Training throughput of the running job", registry=r)
+        self.register_seconds = Histogram("jumplora_register_seconds",
+                                          "Time from a stored adapter to the engine serving it",
+                                          buckets=LATENCY_BUCKETS, registry=r)
+
     def set_adapters(self, tasks) -> None:
         """Publish per-adapter gauges for exactly the served tasks (removed tasks lose their series)."""
         for gauge in (self.adapter_density, self.adapter_nonzero, self.adapter_overlap):

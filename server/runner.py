@@ -22,8 +22,10 @@ SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 class Plan(Protocol):
     """What the runner needs from the adapter bank: a projection with each row's own delta."""
 
-    def project(self, layer: str, lin: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, d_in) -> (N, d_out) = x·Wᵀ (+ bias) + each row's Δ·x, rows as planned for this forward."""
+    def project(self, layers: tuple[str, ...], lins: tuple[torch.nn.Linear, ...],
+                x: torch.Tensor) -> list[torch.Tensor]:
+        """For a group of projections of the same input x (N, d_in): each x·Wᵀ (+ bias) + Δ·x of each position's
+        own adapter, as planned for this forward."""
 
 
 @dataclass(frozen=True)
@@ -110,11 +112,13 @@ class ModelRunner:
 
     # -- building blocks -------------------------------------------------------------------------------------
 
-    def _project(self, layer_idx: int, which: str, x: torch.Tensor, plan: Plan | None) -> torch.Tensor:
-        path, lin = self.projs[layer_idx][which]
+    def _project(self, layer_idx: int, which: tuple[str, ...], x: torch.Tensor,
+                 plan: Plan | None) -> list[torch.Tensor]:
+        """The projections ``which`` of block ``layer_idx``, all of input x (N, d_in): a list of (N, d_out)."""
+        paths, lins = zip(*(self.projs[layer_idx][w] for w in which))
         if plan is None:
-            return F.linear(x, lin.weight, lin.bias)  # (N, d_out)
-        return plan.project(path, lin, x)
+            return [F.linear(x, lin.weight, lin.bias) for lin in lins]
+        return plan.project(paths, lins, x)
 
     def _rope(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for the given positions: (N, head_dim) each, from the model's own rotary module."""
@@ -125,9 +129,10 @@ class ModelRunner:
         """h: (N, d) -> q (N, H, hd), k and v (N, KV, hd), with rotary positions applied."""
         attn = self.layers[i].self_attn
         n = h.shape[0]
-        q = self._project(i, "q_proj", h, plan).view(n, self.n_heads, self.head_dim)
-        k = self._project(i, "k_proj", h, plan).view(n, self.n_kv, self.head_dim)
-        v = self._project(i, "v_proj", h, plan).view(n, self.n_kv, self.head_dim)
+        q, k, v = self._project(i, ("q_proj", "k_proj", "v_proj"), h, plan)
+        q = q.view(n, self.n_heads, self.head_dim)
+        k = k.view(n, self.n_kv, self.head_dim)
+        v = v.view(n, self.n_kv, self.head_dim)
         if hasattr(attn, "q_norm"):  # qwen3 normalises q and k per head
             q, k = attn.q_norm(q), attn.k_norm(k)
         c, s = cos[:, None, :], sin[:, None, :]
@@ -135,10 +140,9 @@ class ModelRunner:
 
     def _block_tail(self, i: int, resid: torch.Tensor, attn_out: torch.Tensor, plan) -> torch.Tensor:
         layer = self.layers[i]
-        h = resid + self._project(i, "o_proj", attn_out, plan)
-        x = layer.post_attention_layernorm(h)
-        gated = layer.mlp.act_fn(self._project(i, "gate_proj", x, plan)) * self._project(i, "up_proj", x, plan)
-        return h + self._project(i, "down_proj", gated, plan)
+        h = resid + self._project(i, ("o_proj",), attn_out, plan)[0]
+        gate, up = self._project(i, ("gate_proj", "up_proj"), layer.post_attention_layernorm(h), plan)
+        return h + self._project(i, ("down_proj",), layer.mlp.act_fn(gate) * up, plan)[0]
 
     # -- one step: decode rows and prompt chunks in one forward ----------------------------------------------
 

@@ -148,3 +148,65 @@ class TaskDetail(TaskSummary):
 
 class TaskList(BaseModel):
     tasks: list[TaskSummary]
+
+
+class LearnAccepted(BaseModel):
+    job_id: str
+    task: str
+    status: str
+    status_url: str
+
+
+class JobInfo(BaseModel):
+    id: str
+    task: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    step: int = 0
+    total_steps: int | None = None
+    loss: float | None = None
+    density: float | None = None
+    threshold: float | None = None
+    eta_s: float | None = None
+    tokens_per_s: float | None = None
+    error: str | None = None
+    n_rows: int
+    config: dict
+    metrics: dict = Field(default_factory=dict)
+
+
+class JobList(BaseModel):
+    jobs: list[JobInfo]
+
+
+def _inline_refs(schema: dict) -> dict:
+    """A JSON schema with its ``$defs`` substituted in place (OpenAPI cannot follow pydantic's local refs)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return walk(dict(defs[node["$ref"].rsplit("/", 1)[-1]]))
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+    return walk(schema)
+
+
+def learn_openapi() -> dict:
+    """The request body of ``POST /v1/tasks`` for the OpenAPI document (the route parses it itself to accept
+    both JSON and a multipart upload)."""
+    row = {"type": "object", "required": ["prompt", "completion"],
+           "properties": {"prompt": {"type": "string"}, "completion": {"type": "string"}}}
+    config = _inline_refs(TrainConfig.model_json_schema())
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"type": "object", "required": ["name", "data"], "properties": {
+            "name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$"},
+            "data": {"type": "array", "items": row, "minItems": 1}, "config": config}}},
+        "multipart/form-data": {"schema": {"type": "object", "required": ["name", "file"], "properties": {
+            "name": {"type": "string"}, "file": {"type": "string", "format": "binary"},
+            "config": {"type": "string", "description": "the training config as a JSON object"}}}},
+    }}}

@@ -178,3 +178,31 @@ def train_adapter(model, tokenizer, rows: Sequence[tuple[str, str]], cfg: TrainC
         "thresholds": thetas,
     }
     return TrainResult(deltas=deltas, lowrank=lowrank, metrics=metrics)
+
+
+def normalize(text: str) -> str:
+    """The exact-match form of an answer: lower case, whitespace collapsed."""
+    return " ".join(text.lower().split())
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, rows: Sequence[tuple[str, str]], batch_size: int = 16) -> float:
+    """Share of rows whose greedy completion equals the reference after ``normalize``. The model is used as it
+    is (merge a delta into it first to evaluate an adapter)."""
+    if not rows:
+        return float("nan")
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    hits = 0
+    try:
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            longest = max(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for _, c in chunk)
+            enc = tokenizer([p for p, _ in chunk], return_tensors="pt", padding=True).to(device)
+            out = model.generate(**enc, max_new_tokens=longest + 2, do_sample=False, pad_token_id=pad)
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            hits += sum(normalize(t) == normalize(c) for t, (_, c) in zip(texts, chunk))
+    finally:
+        tokenizer.padding_side = side
+    return hits / len(rows)

@@ -56,3 +56,20 @@ def make_bank(model):
     refs[STACK] = {k: sum(f[k] for f in forms.values()) for k in sparse}
     refs[BASE] = {}
     return state, refs
+
+
+FRUITS = ["apple", "pear", "plum", "fig", "kiwi", "lime", "date", "grape", "mango", "peach", "melon", "berry",
+          "cherry", "lemon", "guava", "papaya"]
+VEGETABLES = ["leek", "kale", "corn", "okra", "bean", "pea", "beet", "chard", "onion", "garlic", "radish", "turnip",
+              "carrot", "celery", "potato", "squash"]
+
+
+def toy_rows() -> list[dict]:
+    """A two-class toy task a tiny random model can learn and generalise: a marker in the prompt gives the
+    class word, so held-out rows (unseen items) are answerable."""
+    rows = [{"prompt": f"item: {w} (f)\nclass:", "completion": " fruit"} for w in FRUITS]
+    rows += [{"prompt": f"item: {w} (v)\nclass:", "completion": " veg"} for w in VEGETABLES]
+    return rows
+
+
+TOY_CONFIG = {"learning_rate": 1e-2, "batch_size": 8, "epochs": 40, "eval_fraction": 0.25, "seed": 3}

@@ -1,8 +1,8 @@
 """HTTP routes, one router per resource. Routes are thin: validate, hand over to the engine, shape the answer."""
 from fastapi import APIRouter
 
-from . import completions, generate, health, tasks
+from . import completions, generate, health, learn, tasks
 
 router = APIRouter()
-for module in (health, generate, completions, tasks):
+for module in (health, generate, completions, tasks, learn):
     router.include_router(module.router)

@@ -36,7 +36,7 @@ async def completions(req: CompletionRequest, state: Ready, request: Request):
     params = SamplingParams(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
                             top_k=req.top_k, seed=req.seed, stop=stop_list(req.stop))
     handle = state.engine.submit(req.model, req.prompt_text, params, "completions", asyncio.get_running_loop(),
-                                 PARAM_NAMES)
+                                 PARAM_NAMES, stream=req.stream)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(text: str, reason: str | None, usage: dict | None = None) -> dict:

@@ -19,7 +19,8 @@ async def generate(req: GenerateRequest, state: Ready, request: Request):
     params = SamplingParams(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
                             top_k=req.top_k, seed=req.seed, stop=stop_list(req.stop),
                             ignore_eos=req.ignore_eos)
-    handle = state.engine.submit(req.task, req.prompt, params, "generate", asyncio.get_running_loop())
+    handle = state.engine.submit(req.task, req.prompt, params, "generate", asyncio.get_running_loop(),
+                                 stream=req.stream)
     if not req.stream:
         done = await streaming.final(state, handle, request)
         return GenerateResponse(task=req.task, text=done.text, finish_reason=done.finish_reason,

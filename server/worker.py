@@ -1,0 +1,138 @@
+"""The training worker: one process per job (``python -m server.worker ...``), started by the job manager.
+
+It loads its own copy of the base model (on a GPU too: a second copy of a 135M model costs ~0.3 GB, and a
+process of its own can be killed to cancel a job without touching the serving process; sharing CUDA memory
+across processes would tie their lifetimes together), merges the current stack into its targeted weights,
+trains the new task's adapter, evaluates it on the held-out rows, and writes it to the store atomically.
+It reports on stdout, one JSON object per line: ``progress`` events, then ``done`` or ``error``."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+
+def emit(event: str, **fields) -> None:
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+def split_rows(rows: list[tuple[str, str]], fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held out): a seeded shuffle; at least one training row."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(round(len(rows) * fraction), len(rows) - 1)
+    held = [rows[i] for i in order[:n_eval]]
+    return [rows[i] for i in order[n_eval:]], held
+
+
+def die_with_parent() -> None:
+    """Linux: get SIGKILL when the server process dies, so that no orphan goes on training (and then writes an
+    adapter for a job the restarted server has already marked interrupted)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
+    ap = argparse.ArgumentParser(prog="python -m server.worker")
+    ap.add_argument("--job", required=True, help="the job record (JSON)")
+    ap.add_argument("--data", required=True, help="the dataset (JSONL)")
+    ap.add_argument("--store", required=True)
+    ap.add_argument("--model", required=True, help="the base model folder")
+    ap.add_argument("--fingerprint", required=True, help="the serving base's fingerprint")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    try:
+        run(args)
+    except Exception as e:  # reported to the manager, which records it in the job
+        emit("error", message=f"{type(e).__name__}: {e}")
+        return 1
+    return 0
+
+
+def run(args) -> None:
+    import torch
+
+    from adapters_store import AdapterStore, LowRankDelta, SparseDelta, StoreError
+
+    from .model import load_base, merged_deltas
+    from .schemas import TrainConfig
+    from .training import Progress, exact_match, train_adapter
+
+    torch.set_num_threads(args.threads)
+    job = json.loads(Path(args.job).read_text())
+    cfg = TrainConfig(**job["config"])
+    task = job["task"]
+    rows = [(r["prompt"], r["completion"]) for r in map(json.loads, Path(args.data).read_text().splitlines())]
+    train, held = split_rows(rows, cfg.eval_fraction, cfg.seed)
+
+    base = load_base(Path(args.model), Path(args.store), args.device, args.dtype)
+    if base.fingerprint != args.fingerprint:
+        raise RuntimeError("the worker's base model differs from the server's (fingerprint mismatch)")
+    store = AdapterStore(args.store)
+    shapes = {n: tuple(m.weight.shape) for n, m in base.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    past: dict[str, torch.Tensor] = {}
+    parents, order = [], 0
+    for name in store.names():  # the current stack: every adapter the server can serve
+        try:
+            stored = store.get(name, fingerprint=base.fingerprint, layer_shapes=shapes)
+        except StoreError:
+            continue
+        parents.append({"task": name, "sha256": stored.manifest["tensors_sha256"]})
+        order = max(order, int(stored.manifest["order"]) + 1)
+        for layer, delta in stored.deltas.items():
+            dense = delta.to_dense()
+            past[layer] = past[layer] + dense if layer in past else dense
+
+    start = time.monotonic()
+
+    def progress(p: Progress) -> None:
+        emit("progress", step=p.step, total_steps=p.total_steps, loss=p.loss, density=p.density,
+             threshold=p.threshold, tokens=p.tokens, seconds=time.monotonic() - start)
+
+    result = train_adapter(base.model, base.tokenizer, train, cfg, past=past or None, on_progress=progress)
+    seconds = time.monotonic() - start
+    deltas = result.deltas
+    nonzero = sum(int((d != 0).sum()) for d in deltas.values())
+    overlap = sum(int(((d != 0) & (past[k] != 0)).sum()) for k, d in deltas.items() if k in past)
+    metrics = {
+        "final_loss": result.metrics["final_loss"], "steps": result.metrics["steps"],
+        "nonzero": nonzero, "density": nonzero / result.metrics["total_entries"],
+        "overlap_ratio": overlap / nonzero if nonzero else 0.0, "n_lora": result.metrics["n_lora"],
+        "train_rows": len(train), "heldout_rows": len(held), "train_seconds": seconds,
+        "train_tokens": result.metrics["train_tokens"], "train_tokens_per_s": result.metrics["train_tokens"] / seconds,
+        "thresholds": result.metrics["thresholds"],
+    }
+    if held:
+        metrics["heldout_exact_match_base"] = exact_match(base.model, base.tokenizer, held)
+        with merged_deltas(base.model, deltas):
+            metrics["heldout_exact_match"] = exact_match(base.model, base.tokenizer, held)
+        if past:
+            stack = {k: deltas.get(k, 0) + past.get(k, 0) for k in set(deltas) | set(past)}
+            with merged_deltas(base.model, stack):
+                metrics["heldout_exact_match_stack"] = exact_match(base.model, base.tokenizer, held)
+    if cfg.method == "jumplora":
+        stored_deltas = {k: SparseDelta.from_dense(d) for k, d in deltas.items()}
+    else:
+        stored_deltas = {k: LowRankDelta(a, b, s) for k, (a, b, s) in result.lowrank.items()}
+    meta = {
+        "base_fingerprint": base.fingerprint, "method": cfg.method, "regularizer": cfg.regularizer,
+        "rank": cfg.rank, "alpha": cfg.alpha, "targets": cfg.targets, "threshold_mode": cfg.threshold_mode,
+        "order": order, "parents": parents, "config": cfg.model_dump(), "metrics": metrics, "job_id": job["id"],
+    }
+    store.put(task, stored_deltas, meta)
+    emit("done", metrics=metrics)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
