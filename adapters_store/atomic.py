@@ -29,7 +29,7 @@ def _hostname() -> str:
     return re.sub(r"[^A-Za-z0-9._]", "_", socket.gethostname())[:64] or "host"
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)  # works for folders too (POSIX)
     try:
         os.fsync(fd)
@@ -56,7 +56,7 @@ def publish(root: Path, task: str, files: Mapping[str, bytes]) -> None:
         os.mkdir(tmp)
         for name, data in files.items():
             _write_file(tmp / name, data)
-        _fsync(tmp)
+        fsync(tmp)
         try:
             os.rename(tmp, target)  # fails on a non-empty target folder
         except OSError:
@@ -69,7 +69,7 @@ def publish(root: Path, task: str, files: Mapping[str, bytes]) -> None:
             raise StoreWriteError(task, f"write failed: {exc}") from exc
         raise
     try:
-        _fsync(root)
+        fsync(root)
     except OSError as e:  # the adapter is complete and visible; only its durability is in doubt
         log.warning("adapter %r stored but fsync of %s failed: %s", task, root, e)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from .errors import (
     ForeignAdapter,
     MalformedAdapter,
     StoreError,
+    StoreWriteError,
 )
 from .manifest import build_manifest, check_meta, check_task_name, dump_manifest, parse_manifest
 
@@ -83,6 +85,22 @@ class AdapterStore:
         manifest = build_manifest(task, meta, layers, hashlib.sha256(blob).hexdigest())
         atomic.publish(self.root, task, {ADAPTER_FILE: blob, MANIFEST_FILE: dump_manifest(manifest)})
         return manifest
+
+    def trash(self, task: str) -> Path:
+        """Move an adapter out of service into ``<root>/.trash/<task>-<UTC time>-<hex>`` (one rename, so it is
+        either served or not; recoverable by moving it back). Returns its new path."""
+        src = self.path(task)
+        if not src.is_dir():
+            raise AdapterNotFound(task, f"not found in {self.root}")
+        bin_ = self.root / ".trash"
+        bin_.mkdir(exist_ok=True)
+        dst = bin_ / f"{task}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.urandom(4).hex()}"
+        try:
+            os.rename(src, dst)
+        except OSError as e:
+            raise StoreWriteError(task, f"cannot move to the trash: {e}") from None
+        atomic.fsync(self.root)
+        return dst
 
     def cleanup_temp(self) -> int:
         """Remove temp folders left by crashed writers; return how many were removed."""

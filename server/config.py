@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -37,6 +37,21 @@ class Settings(BaseSettings):
                                       "min(model's, 2048)")
     max_dataset_rows: int = Field(100_000, ge=1, description="rows of a posted task dataset")
     max_dataset_bytes: int = Field(64 * 2**20, ge=1, description="bytes of a posted task dataset (body or file)")
+    store_poll_seconds: float = Field(2.0, gt=0, description="how often to look for adapters that other "
+                                      "processes sharing the store registered")
     train_threads: int = Field(1, ge=1, description="torch threads of the training worker (the rest serve)")
+    api_key: SecretStr | None = Field(None, description="bearer key for generate and listing routes (unset: open)")
+    admin_key: SecretStr | None = Field(None, description="bearer key for learning, cancelling, deleting, export")
+    metrics_auth: bool = Field(False, description="require the read key on /metrics too")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="request body limit (datasets: max_dataset_bytes)")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="prompt limit in tokens (unset: the context)")
+    max_new_tokens_limit: int = Field(4096, ge=1, description="largest max_new_tokens a request may ask for")
+    max_streams: int = Field(64, ge=1, description="concurrent streaming responses before 429")
+    request_timeout_s: float = Field(600.0, gt=0, description="a request still unfinished after this gets 504")
+    @field_validator("api_key", "admin_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v):
+        return None if v is None or (isinstance(v, str) and not v.strip()) else v
+
     prefill_budget: int = Field(256, ge=1, description="prompt tokens prefilled per step, in the same forward "
                                 "as the decode rows (longer prompts are chunked)")

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from .bank import BASE, BankState, BlockTables, RowPlan, StepPlan
-from .errors import BadRequest, JumploraError, NotFound, NotReady, Overloaded
+from .errors import (BadRequest, InvalidRequest, JumploraError, NotFound, NotReady, Overloaded,
+                     PayloadTooLarge)
 from .metrics import Metrics
 from .runner import Chunk, ModelRunner
 from .sampling import Detokenizer, SamplingParams, make_generator, sample
@@ -117,19 +118,23 @@ class Engine:
     several steps."""
 
     def __init__(self, runner: ModelRunner, tokenizer, state: BankState, metrics: Metrics, *, max_batch: int,
-                 max_queue: int, max_len: int, prefill_budget: int = 512):
+                 max_queue: int, max_len: int, prefill_budget: int = 512, max_prompt_tokens: int | None = None,
+                 max_new_tokens: int | None = None):
         self.runner, self.tokenizer, self.metrics = runner, tokenizer, metrics
         self.max_batch, self.max_queue, self.max_len = max_batch, max_queue, max_len
         self.prefill_budget = prefill_budget
+        self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
         eos = getattr(getattr(runner.model, "generation_config", None), "eos_token_id", None)
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
         self._state = state
         self._pending_state: BankState | None = None
+        self._pending_threads: int | None = None
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._cv = threading.Condition()
         self._decoding: list[Sequence] = []
         self._prefilling: list[Sequence] = []
+        self._in_step: list[Sequence] = []
         self._plan_key: tuple | None = None
         self._plan: RowPlan | None = None
         self._stopping = False
@@ -166,6 +171,12 @@ class Engine:
         else:
             self._stopped.wait(timeout=30)
 
+    def set_threads(self, n: int) -> None:
+        """Use ``n`` torch threads from the next step on (set from the engine thread, which owns the pool)."""
+        with self._cv:
+            self._pending_threads = n
+            self._cv.notify_all()
+
     def set_state(self, state: BankState) -> None:
         """Serve ``state`` from the next step on; requests in flight keep the state they were admitted under."""
         with self._cv:
@@ -175,13 +186,21 @@ class Engine:
     def submit(self, task: str, prompt: str, params: SamplingParams, endpoint: str,
                loop: asyncio.AbstractEventLoop, param_names: dict[str, str] | None = None,
                stream: bool = True) -> RequestHandle:
-        """Validate and queue a request. Raises NotFound (task), BadRequest (context length), Overloaded."""
+        """Validate and queue a request. Raises NotFound (task), InvalidRequest (max_new_tokens over the
+        limit), PayloadTooLarge (prompt over the limit), BadRequest (over the context), Overloaded (queue)."""
         names = param_names or {}
         if task != BASE and task not in self.state.slots:
             raise NotFound(f"task {task!r} is not served (see GET /v1/tasks)", param=names.get("task", "task"))
+        if self.max_new_tokens is not None and params.max_new_tokens > self.max_new_tokens:
+            name = names.get("max_new_tokens", "max_new_tokens")
+            raise InvalidRequest(f"{name}: {params.max_new_tokens} is over the limit of {self.max_new_tokens}",
+                                 param=name)
         ids = self.tokenizer(prompt)["input_ids"]
         if not ids:
             raise BadRequest("the prompt has no tokens", param=names.get("prompt", "prompt"))
+        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+            raise PayloadTooLarge(f"prompt: {len(ids)} tokens, over the limit of {self.max_prompt_tokens}",
+                                  param=names.get("prompt", "prompt"))
         if len(ids) + params.max_new_tokens > self.max_len:
             raise BadRequest(
                 f"prompt ({len(ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) is "
@@ -212,6 +231,9 @@ class Engine:
                     break
                 if self._pending_state is not None:
                     self._state, self._pending_state = self._pending_state, None
+                if self._pending_threads is not None:
+                    torch.set_num_threads(self._pending_threads)
+                    self._pending_threads = None
                 if not self._decoding and not self._prefilling and not self._waiting:
                     self._cv.wait(timeout=0.5)
                     continue
@@ -225,7 +247,8 @@ class Engine:
             except Exception as e:  # a failed step fails its requests, not the server
                 log.exception("engine step failed")
                 self._outbox.flush()
-                for seq in self._decoding + self._prefilling:
+                failed = {id(s): s for s in self._decoding + self._prefilling + self._in_step}
+                for seq in failed.values():
                     seq.handle.emit(Failed(e))
                 self._decoding.clear()
                 self._prefilling.clear()
@@ -301,6 +324,7 @@ class Engine:
         if key != self._plan_key:
             self._plan, self._plan_key = RowPlan(rows, self.runner.device, self._tables), key
         chunks = self._chunks()
+        self._in_step = [seq for seq, _ in chunks]  # may leave both lists mid-step: failed too if the step fails
         n = len(self._decoding)
         segments, offset = [], n
         for seq, chunk in chunks:

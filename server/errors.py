@@ -36,6 +36,17 @@ class BadRequest(JumploraError):
     status, type = 400, "invalid_request_error"
 
 
+class Unauthorized(JumploraError):
+    status, type = 401, "authentication_error"
+
+    def __init__(self, message: str):
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(JumploraError):
+    status, type = 403, "permission_error"
+
+
 class NotFound(JumploraError):
     status, type = 404, "not_found_error"
 
@@ -46,6 +57,10 @@ class Conflict(JumploraError):
 
 class PayloadTooLarge(JumploraError):
     status, type = 413, "payload_too_large"
+
+
+class StorageError(JumploraError):
+    status, type = 507, "storage_error"
 
 
 class Overloaded(JumploraError):

@@ -43,12 +43,22 @@ class Registry:
         info = TaskInfo(name=name, order=int(m["order"]), manifest=m, nonzero=nonzero, total=total, overlap=0.0)
         return info, deltas
 
+    def pending(self) -> bool:
+        """Cheap (a directory listing and small manifests): has the store gained or lost adapters since the
+        last refresh? Adapters refused once are not retried."""
+        names = set(self.store.names())
+        return bool(names - set(self._loaded) - set(self._refused)) or bool(set(self._loaded) - names)
+
     def refresh(self) -> BankState | None:
-        """Load adapters that appeared in the store since the last call; return the new state, or None when
-        nothing changed."""
+        """Load adapters that appeared in the store since the last call and drop those that left it; return the
+        new state, or None when nothing changed."""
         with self._lock:
-            changed = False
-            for name in self.store.names():
+            names = self.store.names()
+            gone = set(self._loaded) - set(names)
+            for name in gone:
+                del self._loaded[name]
+            changed = bool(gone)
+            for name in names:
                 if name in self._loaded:
                     continue
                 loaded = self._load(name)

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 import torch
 
 
+GREEDY_BELOW = 1e-5
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 32
@@ -19,7 +22,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperatures this close to 0 are greedy: dividing logits by them overflows."""
+        return self.temperature <= GREEDY_BELOW
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
@@ -46,8 +50,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.
             probs = torch.softmax(sorted_logits, dim=-1)
             # drop a token when the tokens before it already reach top_p (the first token always stays)
             drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
+            drop[0] = False  # rounding must not drop the most likely token (a tiny top_p keeps it alone)
             row = row.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
         probs = torch.softmax(row, dim=-1)
+        if not bool(torch.isfinite(probs).all()):  # overflow at extreme settings: the greedy choice stands
+            continue
         chosen[i] = int(torch.multinomial(probs.cpu(), 1, generator=gen).item())
     return chosen
 

@@ -137,6 +137,13 @@ class TaskSummary(BaseModel):
     rank: int | None = None
     alpha: float | None = None
     metrics: dict = Field(default_factory=dict)
+    trained_on_deleted: list[str] = Field(default_factory=list,
+                                          description="earlier tasks this one was trained on top of that were deleted")
+
+
+class TaskDeleted(BaseModel):
+    name: str
+    trash: str
 
 
 class TaskDetail(TaskSummary):
@@ -210,3 +217,68 @@ def learn_openapi() -> dict:
             "name": {"type": "string"}, "file": {"type": "string", "format": "binary"},
             "config": {"type": "string", "description": "the training config as a JSON object"}}}},
     }}}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+ERROR_RESPONSES = {code: {"model": ErrorResponse, "description": text} for code, text in [
+    (400, "bad request (e.g. prompt plus max_new_tokens over the context)"),
+    (401, "missing or invalid API key"), (403, "the key does not allow this route"),
+    (404, "unknown task, job or route"), (409, "conflict (a taken task name, a finished job)"),
+    (413, "request, prompt or dataset over its limit"), (422, "invalid field (param names it)"),
+    (429, "queue or streams full (see Retry-After)"), (500, "internal error"),
+    (503, "not ready (model loading)"), (504, "request timeout"),
+    (507, "the adapter store cannot be written (full or read-only)")]}
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    model: str | None = None
+    tasks: int | None = None
+    detail: str | None = None
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]

@@ -9,7 +9,10 @@ import pytest
 
 from benchmarks.loopback import ServerProcess
 
-sys.path.append(str(Path(__file__).resolve().parent))  # for `import support` (after the real packages)
+# The repository first (so that tests/client and tests/server never shadow the packages), then tests/ for
+# `import support`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parent))
 
 
 def make_tiny_model(folder: Path, *, seed: int = 0, layers: int = 2) -> Path:

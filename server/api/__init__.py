@@ -1,8 +1,10 @@
 """HTTP routes, one router per resource. Routes are thin: validate, hand over to the engine, shape the answer."""
 from fastapi import APIRouter
 
-from . import completions, generate, health, learn, tasks
+from ..schemas import ERROR_RESPONSES
 
-router = APIRouter()
-for module in (health, generate, completions, tasks, learn):
+from . import completions, export, generate, health, learn, tasks
+
+router = APIRouter(responses=ERROR_RESPONSES)
+for module in (health, generate, completions, tasks, learn, export):
     router.include_router(module.router)

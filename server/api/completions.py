@@ -5,16 +5,16 @@ import asyncio
 import time
 import uuid
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from ..bank import BASE, STACK
 from ..sampling import SamplingParams
-from ..schemas import CompletionRequest, stop_list
+from ..schemas import Completion, CompletionRequest, ModelList, stop_list
 from . import streaming
-from .deps import Ready
+from .deps import Ready, require_read
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(tags=["openai"], dependencies=[Depends(require_read)])
 PARAM_NAMES = {"task": "model", "max_new_tokens": "max_tokens", "prompt": "prompt"}
 
 
@@ -22,7 +22,7 @@ def _finish_reason(reason: str) -> str:
     return "length" if reason == "length" else "stop"  # OpenAI has no "eos": end of sequence is a stop
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", response_model=ModelList)
 def models(state: Ready) -> dict:
     bank = state.engine.state
     created = int(state.started_at)
@@ -31,7 +31,8 @@ def models(state: Ready) -> dict:
                                        for n in names]}
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", response_model=Completion,
+             responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream"}})
 async def completions(req: CompletionRequest, state: Ready, request: Request):
     params = SamplingParams(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
                             top_k=req.top_k, seed=req.seed, stop=stop_list(req.stop))
@@ -58,5 +59,6 @@ async def completions(req: CompletionRequest, state: Ready, request: Request):
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         return [chunk(f.tail, _finish_reason(f.finish_reason), usage(f) if include_usage else None), "[DONE]"]
 
+    streaming.reserve_stream(state, handle)
     return StreamingResponse(streaming.stream(state, handle, request, lambda t: chunk(t.text, None), on_final),
                              media_type="text/event-stream")

@@ -5,7 +5,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from ..errors import NotReady
+import hmac
+
+from ..errors import Forbidden, NotReady, Unauthorized
 
 
 def server_state(request: Request):
@@ -24,3 +26,46 @@ def ready_state(state: State):
 
 
 Ready = Annotated[object, Depends(ready_state)]
+
+
+def _bearer(request: Request) -> str | None:
+    value = request.headers.get("authorization", "")
+    scheme, _, token = value.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _matches(token: str, key) -> bool:
+    return key is not None and hmac.compare_digest(token.encode(), key.get_secret_value().encode())
+
+
+def check_access(request: Request, settings, admin: bool) -> None:
+    """API keys are optional. With ``api_key`` set, every read route needs it (or the admin key); with
+    ``admin_key`` set, admin routes need that one (a read key gets 403). With only ``api_key`` set, it opens
+    the admin routes too. Keys are compared in constant time and never logged."""
+    read_key, admin_key = settings.api_key, settings.admin_key
+    if (admin and admin_key is None and read_key is None) or (not admin and read_key is None):
+        return
+    token = _bearer(request)
+    if token is None:
+        raise Unauthorized("an API key is required (Authorization: Bearer <key>)")
+    if _matches(token, admin_key):
+        return
+    if _matches(token, read_key):
+        if admin and admin_key is not None:
+            raise Forbidden("this route needs the admin key")
+        return
+    raise Unauthorized("the API key is not valid")
+
+
+def require_read(request: Request) -> None:
+    check_access(request, request.app.state.server.settings, admin=False)
+
+
+def require_admin(request: Request) -> None:
+    check_access(request, request.app.state.server.settings, admin=True)
+
+
+def require_metrics(request: Request) -> None:
+    settings = request.app.state.server.settings
+    if settings.metrics_auth:
+        check_access(request, settings, admin=False)

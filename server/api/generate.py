@@ -2,15 +2,15 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from ..sampling import SamplingParams
 from ..schemas import GenerateRequest, GenerateResponse, Usage, stop_list
 from . import streaming
-from .deps import Ready
+from .deps import Ready, require_read
 
-router = APIRouter(tags=["generate"])
+router = APIRouter(tags=["generate"], dependencies=[Depends(require_read)])
 
 
 @router.post("/v1/generate", response_model=GenerateResponse,
@@ -33,5 +33,6 @@ async def generate(req: GenerateRequest, state: Ready, request: Request):
         return [{"type": "done", "task": req.task, "delta": f.tail, "text": f.text, "finish_reason": f.finish_reason,
                  "usage": {"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens}}]
 
+    streaming.reserve_stream(state, handle)
     return StreamingResponse(streaming.stream(state, handle, request, on_token, on_final),
                              media_type="text/event-stream")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
@@ -12,7 +12,7 @@ from ..datasets import check_lengths, check_rows, check_task_name, parse_jsonl
 from ..errors import Conflict, InvalidRequest, PayloadTooLarge
 from ..model import target_linears
 from ..schemas import JobInfo, JobList, LearnAccepted, TrainConfig, learn_openapi
-from .deps import Ready
+from .deps import Ready, require_admin, require_read
 
 router = APIRouter(tags=["learning"])
 
@@ -79,7 +79,7 @@ async def _parse(request: Request, settings) -> tuple[str, list, TrainConfig]:
     return name, rows, cfg
 
 
-@router.post("/v1/tasks", status_code=202, response_model=LearnAccepted, openapi_extra=learn_openapi())
+@router.post("/v1/tasks", status_code=202, dependencies=[Depends(require_admin)], response_model=LearnAccepted, openapi_extra=learn_openapi())
 async def learn(request: Request, state: Ready) -> LearnAccepted:
     """Queue a training job for a new task: JSON ``{name, data: [{prompt, completion}], config}``, or a multipart
     form with ``name``, ``file`` (JSONL rows) and ``config`` (a JSON string)."""
@@ -96,17 +96,17 @@ async def learn(request: Request, state: Ready) -> LearnAccepted:
     return LearnAccepted(job_id=job.id, task=name, status=job.status, status_url=f"/v1/jobs/{job.id}")
 
 
-@router.get("/v1/jobs", response_model=JobList)
+@router.get("/v1/jobs", response_model=JobList, dependencies=[Depends(require_read)])
 def list_jobs(state: Ready) -> JobList:
     return JobList(jobs=[JobInfo(**j.to_dict()) for j in state.jobs.list()])
 
 
-@router.get("/v1/jobs/{job_id}", response_model=JobInfo)
+@router.get("/v1/jobs/{job_id}", response_model=JobInfo, dependencies=[Depends(require_read)])
 def get_job(job_id: str, state: Ready) -> JobInfo:
     return JobInfo(**state.jobs.get(job_id).to_dict())
 
 
-@router.delete("/v1/jobs/{job_id}", response_model=JobInfo)
+@router.delete("/v1/jobs/{job_id}", response_model=JobInfo, dependencies=[Depends(require_admin)])
 def cancel_job(job_id: str, state: Ready) -> JobInfo:
     """Cancel a queued or running job; nothing is registered."""
     return JobInfo(**state.jobs.cancel(job_id).to_dict())

@@ -1,16 +1,18 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
+from fastapi.concurrency import run_in_threadpool
 
 from ..errors import NotFound
-from ..schemas import TaskDetail, TaskList, TaskSummary
-from .deps import Ready
+from ..schemas import TaskDeleted, TaskDetail, TaskList, TaskSummary
+from .deps import Ready, require_admin, require_read
 
 router = APIRouter(tags=["tasks"])
 
 
-def _summary(info, cls=TaskSummary):
+def _summary(info, cls=TaskSummary, served=()):
     m = info.manifest
+    missing = [p.get("task") for p in m.get("parents", []) if p.get("task") not in served]
     extra = {}
     if cls is TaskDetail:
         extra = {"parents": m.get("parents", []), "config": m.get("config", {}),
@@ -18,17 +20,30 @@ def _summary(info, cls=TaskSummary):
     return cls(name=info.name, created_at=m.get("created_at"), method=m.get("method"),
                regularizer=m.get("regularizer"), order=info.order, nonzero_params=info.nonzero,
                density=info.density, overlap_ratio=info.overlap, targets=m.get("targets", []),
-               rank=m.get("rank"), alpha=m.get("alpha"), metrics=m.get("metrics", {}), **extra)
+               rank=m.get("rank"), alpha=m.get("alpha"), metrics=m.get("metrics", {}),
+               trained_on_deleted=missing, **extra)
 
 
-@router.get("/v1/tasks", response_model=TaskList)
+@router.get("/v1/tasks", response_model=TaskList, dependencies=[Depends(require_read)])
 def list_tasks(state: Ready) -> TaskList:
-    return TaskList(tasks=[_summary(info) for info in state.engine.state.tasks.values()])
+    tasks = state.engine.state.tasks
+    return TaskList(tasks=[_summary(info, served=tasks) for info in tasks.values()])
 
 
-@router.get("/v1/tasks/{name}", response_model=TaskDetail)
+@router.get("/v1/tasks/{name}", response_model=TaskDetail, dependencies=[Depends(require_read)])
 def get_task(name: str, state: Ready) -> TaskDetail:
-    info = state.engine.state.tasks.get(name)
+    tasks = state.engine.state.tasks
+    info = tasks.get(name)
     if info is None:
         raise NotFound(f"task {name!r} is not served", param="name")
-    return _summary(info, TaskDetail)
+    return _summary(info, TaskDetail, served=tasks)
+
+
+@router.delete("/v1/tasks/{name}", response_model=TaskDeleted, dependencies=[Depends(require_admin)])
+async def delete_task(name: str, state: Ready) -> TaskDeleted:
+    """Stop serving a task and move its folder to the store's trash (recoverable by hand); ``@stack`` is
+    recomputed. Requests already running on it finish; tasks trained on top of it are flagged."""
+    if name not in state.engine.state.tasks:
+        raise NotFound(f"task {name!r} is not served", param="name")
+    trashed = await run_in_threadpool(state.delete_task, name)
+    return TaskDeleted(name=name, trash=str(trashed))

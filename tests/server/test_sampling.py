@@ -40,3 +40,20 @@ def test_greedy_top_k_and_top_p():
     gen = make_generator(p)
     drawn = {sample(logits, [p], [gen])[0] for _ in range(200)}
     assert drawn == {1, 3}
+
+
+def test_tiny_top_p_keeps_the_most_likely_token():
+    logits = torch.tensor([[0.3, 2.0, 1.9, -1.0]])
+    p = SamplingParams(temperature=1.8, top_p=5e-324, top_k=4355, seed=1)
+    gen = make_generator(p)
+    assert {sample(logits, [p], [gen])[0] for _ in range(20)} == {1}
+
+
+def test_extreme_temperatures_do_not_break_sampling():
+    logits = torch.tensor([[0.3, 2.0, 1.9, -1.0]])
+    for t in (5e-324, 1e-6, 1e-30):
+        p = SamplingParams(temperature=t, top_p=0.11, seed=1)
+        assert sample(logits, [p], [make_generator(p)]) == [1]
+    huge = torch.tensor([[3e38, -3e38, 1.0, 0.0]])
+    p = SamplingParams(temperature=0.01, seed=2)
+    assert sample(huge, [p], [make_generator(p)]) == [0]
