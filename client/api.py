@@ -296,8 +296,8 @@ class _SSEDecoder:
 
 
 _STATUS_OF_TYPE = {"invalid_request_error": 400, "authentication_error": 401, "permission_error": 403,
-                   "not_found_error": 404, "conflict_error": 409, "payload_too_large": 413, "rate_limit_error": 429,
-                   "not_ready": 503, "timeout_error": 504}
+                   "not_found_error": 404, "conflict_error": 409, "payload_too_large_error": 413,
+                   "rate_limit_error": 429, "not_ready_error": 503, "timeout_error": 504, "storage_error": 507}
 
 
 class _StreamState:
@@ -319,7 +319,8 @@ class _StreamState:
             return []
         if "error" in event:  # the status line was already sent: the error comes as an event
             err = event["error"] if isinstance(event["error"], dict) else {}
-            raise errors.from_payload(event, _STATUS_OF_TYPE.get(err.get("type"), 500))
+            status = err.get("status") if isinstance(err.get("status"), int) else None
+            raise errors.from_payload(event, status or _STATUS_OF_TYPE.get(err.get("type"), 500))
         if event.get("type") == "token":
             return [event["text"]] if event.get("text") else []
         if event.get("type") == "done":

@@ -25,7 +25,7 @@ class ModelLoadError(JumploraError):
 
 
 class NotReady(JumploraError):
-    status, type = 503, "not_ready"
+    status, type = 503, "not_ready_error"
 
 
 class InvalidRequest(JumploraError):
@@ -56,7 +56,7 @@ class Conflict(JumploraError):
 
 
 class PayloadTooLarge(JumploraError):
-    status, type = 413, "payload_too_large"
+    status, type = 413, "payload_too_large_error"
 
 
 class StorageError(JumploraError):
@@ -111,8 +111,14 @@ def install_error_handlers(app) -> None:
         return JSONResponse(error_body(message, "invalid_request_error", param), status_code=422)
 
     @app.exception_handler(HTTPException)
-    async def _http(_: Request, exc: HTTPException):
-        return JSONResponse(error_body(str(exc.detail), "http_error"), status_code=exc.status_code,
+    async def _http(request: Request, exc: HTTPException):
+        if exc.status_code == 404:
+            message, kind = f"no route {request.method} {request.url.path}", "not_found_error"
+        elif exc.status_code == 405:
+            message, kind = f"{request.method} is not allowed on {request.url.path}", "method_not_allowed_error"
+        else:
+            message, kind = str(exc.detail), "http_error"
+        return JSONResponse(error_body(message, kind), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

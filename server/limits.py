@@ -29,7 +29,7 @@ class BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             body = json.dumps(error_body(f"request body of {int(declared)} bytes, over the limit of {limit}",
-                                         "payload_too_large")).encode()
+                                         "payload_too_large_error")).encode()
             await send({"type": "http.response.start", "status": 413,
                         "headers": [(b"content-type", b"application/json"),
                                     (b"content-length", str(len(body)).encode())]})

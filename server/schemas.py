@@ -21,6 +21,9 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(32, ge=1, le=1024)
     max_steps: int | None = Field(None, ge=1, le=1_000_000)
     threshold_mode: Literal["global", "per_block"] = "global"
+    keep_budget: bool = Field(False, description="not in the paper: after 0.2·S, set θ again at every step so "
+                              "that exactly N_LoRA entries pass the gate, holding the adapter at a dense LoRA's "
+                              "parameter count (the learned θ alone lets density grow as ΔW grows)")
     ella_lambda: float = Field(3e4, ge=0, le=1e9)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     eval_fraction: float = Field(0.1, ge=0, lt=1)

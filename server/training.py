@@ -118,7 +118,7 @@ class AttachedAdapter:
         return kept / sum(l.weight.numel() for l in self.layers.values())
 
     def theta(self) -> float | None:
-        return None if self.threshold is None else float(self.threshold.tau.exp().mean())
+        return None if self.threshold is None else float(self.threshold.tau.detach().exp().mean())
 
 
 def train_adapter(model, tokenizer, rows: Sequence[tuple[str, str]], cfg: TrainConfig, *,
@@ -149,7 +149,7 @@ def train_adapter(model, tokenizer, rows: Sequence[tuple[str, str]], cfg: TrainC
                     break
                 if should_stop is not None and should_stop():
                     raise InterruptedError("training was cancelled")
-                if adapter.gated and step == reset_at:
+                if adapter.gated and (step == reset_at or (cfg.keep_budget and step > reset_at)):
                     thetas = jl.reset_thresholds(list(adapter.layers.values()), adapter.threshold)
                 adapter.schedule.mix = jl.sparsity_mix(step, steps)
                 batch = [examples[j] for j in order[i:i + cfg.batch_size]]
@@ -165,7 +165,7 @@ def train_adapter(model, tokenizer, rows: Sequence[tuple[str, str]], cfg: TrainC
                 loss_value = float(loss.detach())
                 if on_progress is not None:
                     on_progress(Progress(step, steps, loss_value, adapter.gate_density(), adapter.theta(), tokens))
-        if adapter.gated and reset_at >= steps:  # too few steps to reach 0.2·S: reset before export
+        if adapter.gated and (reset_at >= steps or cfg.keep_budget):  # (re)set before export
             thetas = jl.reset_thresholds(list(adapter.layers.values()), adapter.threshold)
         deltas = {name: layer.export() for name, layer in adapter.layers.items()}
         lowrank = {} if adapter.gated else {

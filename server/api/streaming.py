@@ -89,7 +89,7 @@ async def stream(state, handle: RequestHandle, request: Request,
         return
     except JumploraError as e:
         record(state, handle, e.status)
-        yield sse({"error": {"message": e.message, "type": e.type, "param": e.param}})
+        yield sse({"error": {"message": e.message, "type": e.type, "param": e.param, "status": e.status}})
     finally:  # also on disconnect (the generator is closed or cancelled); a no-op once the request finished
         handle.cancel()
         state.streams -= 1

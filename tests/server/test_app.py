@@ -29,7 +29,7 @@ def test_readyz_is_503_while_the_model_is_missing(tmp_path, start_server):
     assert r.status_code == 503
     assert httpx.get(server.url + "/healthz").status_code == 200
     g = httpx.post(server.url + "/v1/generate", json={"prompt": "x"})
-    assert g.status_code == 503 and g.json()["error"]["type"] == "not_ready"
+    assert g.status_code == 503 and g.json()["error"]["type"] == "not_ready_error"
 
 
 def test_invalid_field_is_422_naming_it(tiny_model_dir, start_server):

@@ -48,3 +48,17 @@ def test_tiny_llama_learns_toy_mapping_sparsely(tiny_base, method):
         assert seen[0].density == 1.0 and seen[-1].density <= n_lora / total + 0.01
     else:
         assert result.metrics["density"] > 0.99
+
+
+def test_keep_budget_holds_exactly_n_lora_entries(tiny_base):
+    cfg = TrainConfig(learning_rate=1e-2, batch_size=6, epochs=60, seed=2, keep_budget=True)
+    seen = []
+    result = train_adapter(tiny_base.model, tiny_base.tokenizer, TOY, cfg, on_progress=seen.append)
+    assert result.metrics["nonzero"] == result.metrics["n_lora"]
+    budget = result.metrics["n_lora"] / result.metrics["total_entries"]
+    # progress is read after each optimizer step, one update away from the reset that precedes it
+    after = [p.density for p in seen if p.step > 13]  # the one-time reset is at step 12
+    assert after and all(abs(d - budget) < 0.2 * budget for d in after)
+    before = _loss(tiny_base, TOY)
+    with merged_deltas(tiny_base.model, result.deltas):
+        assert _loss(tiny_base, TOY) < 0.5 * before
