@@ -97,9 +97,15 @@ def install_error_handlers(app) -> None:
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
 
+    from adapters_store import StoreWriteError
+
     @app.exception_handler(JumploraError)
     async def _typed(_: Request, exc: JumploraError):
         return JSONResponse(error_body(exc.message, exc.type, exc.param), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StoreWriteError)
+    async def _store_write(_: Request, exc: StoreWriteError):  # e.g. deleting a task on a read-only store
+        return JSONResponse(error_body(str(exc), StorageError.type), status_code=StorageError.status)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):

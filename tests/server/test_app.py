@@ -37,3 +37,22 @@ def test_invalid_field_is_422_naming_it(tiny_model_dir, start_server):
     r = httpx.post(server.url + "/v1/generate", json={"prompt": "x", "max_new_tokens": 0})
     assert r.status_code == 422
     assert r.json()["error"]["param"] == "max_new_tokens"
+
+
+def test_a_store_write_failure_maps_to_507_in_the_one_error_place():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from adapters_store import StoreWriteError
+    from server.errors import install_error_handlers
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.delete("/x")
+    def _fails():
+        raise StoreWriteError("t1", "cannot move to the trash: read-only file system")
+
+    r = TestClient(app).delete("/x")
+    assert r.status_code == 507
+    assert r.json()["error"]["type"] == "storage_error" and "read-only" in r.json()["error"]["message"]
