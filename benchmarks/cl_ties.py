@@ -87,17 +87,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="write the findings as JSON here")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for the server and the reference")
     args = ap.parse_args(argv)
 
     rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
     prompts = [r["prompt"] for r in rows]
-    server = ServerProcess(args.model, args.store, args.cache_dir,
+    extra = ["--threads", str(args.threads)] if args.threads else []
+    server = ServerProcess(args.model, args.store, args.cache_dir, extra_args=extra,
                            log_path=Path("/tmp") / f"cl-ties-{args.task}.log").wait_ready()
     try:
         seen = served_answers(server.url, args.task, prompts, args.max_new_tokens, args.repeats, args.seed)
     finally:
         server.stop()
     unstable = [k for k, answers in enumerate(seen) if len(set(answers)) > 1]
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     refs = reference_gaps(args.model, args.cache_dir, args.store, args.task, [prompts[k] for k in unstable],
                           args.max_new_tokens) if unstable else []
     report = {"task": args.task, "prompts": len(prompts), "evaluations": 1 + args.repeats, "unstable": [],

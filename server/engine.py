@@ -342,10 +342,12 @@ class Engine:
             if self._advance(seq, token):
                 done.append(i)
         self._remove(done)
-        # prompt chunks; a finished prompt gives its request's first token and a decode row
-        for (seq, chunk), lg in zip(chunks, chunk_logits):
+        # prompt chunks: first every one's length (a prompt that moves rows below must take this step's chunk
+        # with it), then a finished prompt gives its request's first token and a decode row
+        for seq, chunk in chunks:
             seq.pos = chunk.end
             self.metrics.prompt_tokens.labels(seq.handle.task).inc(len(chunk.token_ids))
+        for (seq, chunk), lg in zip(chunks, chunk_logits):
             if lg is None:
                 continue
             self._prefilling.remove(seq)
@@ -358,15 +360,16 @@ class Engine:
             self.metrics.step_seconds.observe(elapsed)
 
     def _start_decoding(self, seq: Sequence) -> None:
-        """Give ``seq`` the next decode row, moving its cache there (and a prefilling request out of the way)."""
+        """Give ``seq`` the next decode row, moving its cache there; a prefilling request that holds that row
+        trades rows with it (seq's old row is the one row sure to be free: the batch may be full)."""
         target = len(self._decoding)
         if seq.row != target:
             blocker = next((s for s in self._prefilling if s.row == target), None)
             if blocker is not None:
-                row = self._free_row(target + 1)
-                self.runner.cache.move_row(target, row, blocker.pos)
-                blocker.row = row
-            self.runner.cache.move_row(seq.row, target, seq.pos)
+                self.runner.cache.swap_rows(seq.row, target, max(seq.pos, blocker.pos))
+                blocker.row = seq.row
+            else:
+                self.runner.cache.move_row(seq.row, target, seq.pos)
             seq.row = target
         self._decoding.append(seq)
 

@@ -73,6 +73,12 @@ class KVCache:
             v[:, :, self.clean:end].zero_()
         self.clean = end
 
+    def swap_rows(self, a: int, b: int, length: int) -> None:
+        """Exchange the first ``length`` positions of rows ``a`` and ``b`` (the right side is a copy)."""
+        for k, v in zip(self.k, self.v):
+            k[[a, b], :, :length] = k[[b, a], :, :length]
+            v[[a, b], :, :length] = v[[b, a], :, :length]
+
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` positions of row ``src`` to row ``dst`` (compaction after a row leaves)."""
         for k, v in zip(self.k, self.v):

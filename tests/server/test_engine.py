@@ -95,6 +95,27 @@ def test_continuous_batching_matches_alone_and_merged_reference(tiny_base, bank,
         engine.stop()
 
 
+CHURN = [("sparse-a", "one two three four five six seven", 2), (STACK, "a b", 3), ("dense-b", "x y z w v u", 1),
+         (BASE, "the quick brown fox jumps", 4), ("lowrank-c", "hi", 2), ("sparse-a", "lorem ipsum dolor sit amet", 1),
+         (STACK, "one more prompt here", 3), ("dense-b", "q r", 2), (BASE, "alpha beta gamma delta", 1),
+         ("sparse-a", "zz", 4), ("lowrank-c", "many words in this prompt to chunk", 2), (STACK, "end", 1)]
+
+
+def test_rows_turning_over_while_prompts_are_chunked_keep_every_cache_intact(tiny_base, bank):
+    """All at once into 3 rows with a prefill budget of 5 tokens: prompts span steps, several end in the same
+    step, and a finished prompt's decode row is often held by another prompt still being prefilled (which
+    must move out of the way with the chunk it just wrote)."""
+    state, refs = bank
+    engine = make_engine(tiny_base, state, max_batch=3, prefill_budget=5)
+    try:
+        together = run(engine, [(t, p, SamplingParams(max_new_tokens=n)) for t, p, n in CHURN])
+        for (task, prompt, n), (tokens, _, _) in zip(CHURN, together):
+            assert tokens == reference_greedy(tiny_base, refs, task, prompt, n), (task, prompt)
+        assert engine.running == 0
+    finally:
+        engine.stop()
+
+
 def test_stop_string_cuts_the_text(tiny_base, bank):
     state, _ = bank
     engine = make_engine(tiny_base, state)
