@@ -459,6 +459,11 @@ def tagged_train(ctx: Context, task: str) -> list[dict]:
     return [{**r, "task": task} for r in ctx.bench.train(task, ctx.state.rejected(task))]
 
 
+def eval_plan(modes, tasks: list[str]) -> list[tuple[str, str, str]]:
+    """(mode, task, route) for every task seen so far: ``@stack``, or the task's own route."""
+    return [(mode, t, "@stack" if mode == "stack" else t) for mode in modes for t in tasks]
+
+
 def run_sequence(client: httpx.Client, url: str, ctx: Context, method: str) -> None:
     st = ctx.state.method(method)
     tasks = ctx.bench.tasks
@@ -467,8 +472,7 @@ def run_sequence(client: httpx.Client, url: str, ctx: Context, method: str) -> N
         key = str(i)
         if key in st["evals"]:
             continue
-        plan = [(mode, t, "@stack" if mode == "stack" else t) for mode in ctx.args.modes for t in tasks[:i + 1]]
-        ev = evaluate(url, ctx, plan)
+        ev = evaluate(url, ctx, eval_plan(ctx.args.modes, tasks[:i + 1]))
         st["evals"][key] = ev
         snapshot(client, ctx, st)
         log(f"[{method}] after {task} ({ev['requests']} requests, {ev['seconds']:.1f} s): {_fmt_scores(ev['scores'])}")

@@ -81,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             store = prefix_store(out / method / "store", learned[:i + 1], out / method / "reeval" / f"store-{i}")
             server = ServerProcess(args.model, store, args.cache_dir, extra_args=extra).wait_ready(timeout=900)
             try:
-                plan = [(mode, t, "@stack" if mode == "stack" else t)
-                        for mode in settings["modes"] for t in learned[:i + 1]]
-                ev = cl.evaluate(server.url, ctx, plan)
+                ev = cl.evaluate(server.url, ctx, cl.eval_plan(settings["modes"], learned[:i + 1]))
             finally:
                 server.stop()
             ev["reevaluated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -52,15 +52,13 @@ def reference_gaps(model_dir: Path | None, cache_dir: Path, store: Path, task: s
     import torch
 
     from adapters_store import AdapterStore
-    from server.model import load_base
+    from server.model import load_base, merged_deltas
 
     base = load_base(model_dir, cache_dir, "cpu", "float32")
     shapes = {n: tuple(m.weight.shape) for n, m in base.model.named_modules() if isinstance(m, torch.nn.Linear)}
     stored = AdapterStore(store).get(task, fingerprint=base.fingerprint, layer_shapes=shapes)
     tok, out = base.tokenizer, []
-    with torch.no_grad():
-        for layer, delta in stored.deltas.items():
-            base.model.get_submodule(layer).weight += delta.to_dense().float()
+    with merged_deltas(base.model, {layer: d.to_dense() for layer, d in stored.deltas.items()}), torch.no_grad():
         for prompt in prompts:
             ids = tok(prompt, return_tensors="pt")["input_ids"]  # (1, T)
             steps = []

@@ -1,6 +1,9 @@
 """Helpers shared by tests (importable because tests/conftest.py puts this folder on sys.path)."""
 from __future__ import annotations
 
+import time
+
+import httpx
 import torch
 
 from adapters_store import AdapterStore, LowRankDelta, SparseDelta
@@ -73,3 +76,18 @@ def toy_rows() -> list[dict]:
 
 
 TOY_CONFIG = {"learning_rate": 1e-2, "batch_size": 8, "epochs": 40, "eval_fraction": 0.25, "seed": 3}
+
+
+FINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
+
+
+def wait_job(url: str, job_id: str, states=FINAL_JOB_STATES, timeout: float = 180, poll: float = 0.2, log=None) -> dict:
+    """Poll ``GET /v1/jobs/{job_id}`` until the job is in one of ``states``; its record. On timeout, the error
+    carries the last record and, given ``log`` (a callable), the server's log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{url}/v1/jobs/{job_id}").json()
+        if job["status"] in states:
+            return job
+        time.sleep(poll)
+    raise TimeoutError(f"job {job_id} still {job['status']}: {job}" + (f"\n{log()}" if log else ""))

@@ -14,17 +14,12 @@ import time
 import httpx
 
 from adapters_store import AdapterStore
-from support import TOY_CONFIG, toy_rows
+from support import FINAL_JOB_STATES, TOY_CONFIG, toy_rows
+from support import wait_job as _wait_job
 
 
-def wait_job(url, job_id, states=("succeeded", "failed", "cancelled"), timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{url}/v1/jobs/{job_id}").json()
-        if job["status"] in states:
-            return job
-        time.sleep(0.05)
-    raise TimeoutError(job)
+def wait_job(url, job_id, states=FINAL_JOB_STATES):
+    return _wait_job(url, job_id, states, timeout=120, poll=0.05)  # fast polls: catch "running" early
 
 
 def learn(url, name, epochs):

@@ -11,17 +11,12 @@ import time
 import httpx
 import pytest
 
-from support import TOY_CONFIG, toy_rows
+from support import FINAL_JOB_STATES, TOY_CONFIG, toy_rows
+from support import wait_job as _wait_job
 
 
-def wait_job(server, job_id, states=("succeeded", "failed", "cancelled"), timeout=180):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{server.url}/v1/jobs/{job_id}").json()
-        if job["status"] in states:
-            return job
-        time.sleep(0.2)
-    raise TimeoutError(f"job {job_id} still {job['status']}:\n{server.log()}")
+def wait_job(server, job_id, states=FINAL_JOB_STATES):
+    return _wait_job(server.url, job_id, states, log=server.log)
 
 
 def learn(server, name, rows=None, config=None):

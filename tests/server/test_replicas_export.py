@@ -9,17 +9,7 @@ import time
 import httpx
 import torch
 
-from support import TOY_CONFIG, toy_rows
-
-
-def wait_job(url, job_id, timeout=180):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{url}/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.2)
-    raise TimeoutError(job)
+from support import TOY_CONFIG, toy_rows, wait_job
 
 
 def generate(url, task, prompt, n=8):
