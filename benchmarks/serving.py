@@ -3,7 +3,7 @@
 rank-8 JumpLoRA adapter), (c) all ``@stack``; and the anchor: Hugging Face ``generate`` on the base model
 with static batches of the same sizes and the same requests.
 
-    python -m benchmarks.serving [--model PATH] [--concurrency 1 8 16 32] [--requests-per-stream 4]
+    python -m benchmarks.serving [--model PATH] [--concurrency 1 8 16 32] [--requests-per-stream 4] [--repeat 3]
 
 Every request is greedy and has its own max_new_tokens (drawn from --min-new..--max-new, seeded). With
 --workload fixed (default) it generates exactly that many tokens (end-of-sequence ignored, so that every run
@@ -12,6 +12,10 @@ generation stops at end of sequence. Tokens/s counts
 generated tokens over the wall time of the whole run, prefill included. The static-batch anchor runs each
 batch until its longest request is done, which is what static batching costs; its tokens/s counts, as ours
 does, only the tokens each request asked for.
+
+The server cases run interleaved (at each concurrency: (a), (b), (c), then again, ``--repeat`` times), so that a
+slow stretch of a shared machine hits every case alike; the table gives each case's median over the repeats
+and the range of its tokens/s. The anchor runs once per batch size.
 """
 from __future__ import annotations
 
@@ -156,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", help="cache folder for the default model (default: the server's)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32])
     ap.add_argument("--requests-per-stream", type=int, default=4, help="requests = streams x this (at least 8)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each server case at each concurrency")
     ap.add_argument("--min-new", type=int, default=32)
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("--cases", nargs="+", default=["base", "tasks", "stack", "hf"],
@@ -200,14 +205,15 @@ def main(argv: list[str] | None = None) -> int:
             # in the KV cache) are not in the numbers
             asyncio.run(drive(server.url, tasks + ["@stack", "@base"],
                               make_requests(max_batch, args.max_new, args.max_new, 1), max_batch))
-            for case in server_cases:
-                for streams in args.concurrency:
-                    reqs = make_requests(max(8, streams * args.requests_per_stream), args.min_new, args.max_new,
-                                         args.seed, template)
-                    r = asyncio.run(drive(server.url, case_tasks[case], reqs, streams, ignore_eos))
-                    r.update(case=case, concurrency=streams)
-                    results["runs"].append(r)
-                    print(json.dumps(r), flush=True)
+            for streams in args.concurrency:
+                reqs = make_requests(max(8, streams * args.requests_per_stream), args.min_new, args.max_new,
+                                     args.seed, template)
+                for repeat in range(args.repeat):
+                    for case in server_cases:
+                        r = asyncio.run(drive(server.url, case_tasks[case], reqs, streams, ignore_eos))
+                        r.update(case=case, concurrency=streams, repeat=repeat)
+                        results["runs"].append(r)
+                        print(json.dumps(r), flush=True)
         finally:
             server.stop()
     if "hf" in args.cases:
@@ -215,23 +221,43 @@ def main(argv: list[str] | None = None) -> int:
             reqs = make_requests(max(8, streams * args.requests_per_stream), args.min_new, args.max_new, args.seed,
                                  template)
             r = hf_anchor(base.model, base.tokenizer, reqs, streams, ignore_eos)
-            r.update(case="hf", concurrency=streams)
+            r.update(case="hf", concurrency=streams, repeat=0)
             results["runs"].append(r)
             print(json.dumps(r), flush=True)
+    results["summary"] = summary(results)
     print(table(results))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0
 
 
+def summary(results: dict) -> list[dict]:
+    """Per (case, concurrency): the median tokens/s, p50 and p99 over its repeats, and the tokens/s range."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in results["runs"]:
+        groups.setdefault((r["case"], r["concurrency"]), []).append(r)
+    rows = []
+    for (case, c), runs in groups.items():
+        rows.append({"case": case, "concurrency": c, "repeats": len(runs),
+                     "tok_s": statistics.median(r["tok_s"] for r in runs),
+                     "tok_s_min": min(r["tok_s"] for r in runs), "tok_s_max": max(r["tok_s"] for r in runs),
+                     "p50_s": statistics.median(r["p50_s"] for r in runs),
+                     "p99_s": statistics.median(r["p99_s"] for r in runs),
+                     "requests": runs[0]["requests"], "failures": sum(r["failures"] for r in runs)})
+    order = {"base": 0, "tasks": 1, "stack": 2, "hf": 3}
+    return sorted(rows, key=lambda r: (order[r["case"]], r["concurrency"]))
+
+
 def table(results: dict) -> str:
     names = {"base": "(a) @base", "tasks": "(b) 8 tasks", "stack": "(c) @stack", "hf": "HF generate (static)"}
-    lines = ["| case | streams | tokens/s | p50 latency (s) | p99 latency (s) | requests | failures |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for r in results["runs"]:
-        lines.append(f"| {names[r['case']]} | {r['concurrency']} | {r['tok_s']:.1f} | {r['p50_s']:.2f} | "
-                     f"{r['p99_s']:.2f} | {r['requests']} | {r['failures']} |")
-    by = {(r["case"], r["concurrency"]): r["tok_s"] for r in results["runs"]}
+    lines = ["| case | streams | tokens/s (median) | range | p50 latency (s) | p99 latency (s) | requests | "
+             "repeats | failures |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = summary(results)
+    for r in rows:
+        lines.append(f"| {names[r['case']]} | {r['concurrency']} | {r['tok_s']:.1f} | {r['tok_s_min']:.0f}-"
+                     f"{r['tok_s_max']:.0f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | {r['requests']} | "
+                     f"{r['repeats']} | {r['failures']} |")
+    by = {(r["case"], r["concurrency"]): r["tok_s"] for r in rows}
     ratios = []
     for (case, c), v in by.items():
         if case == "tasks" and ("base", c) in by:

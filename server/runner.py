@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ModelLoadError
+from .kernels import Linear
 
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 
@@ -22,10 +23,13 @@ SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 class Plan(Protocol):
     """What the runner needs from the adapter bank: a projection with each row's own delta."""
 
-    def project(self, layers: tuple[str, ...], lins: tuple[torch.nn.Linear, ...],
-                x: torch.Tensor) -> list[torch.Tensor]:
-        """For a group of projections of the same input x (N, d_in): each x·Wᵀ (+ bias) + Δ·x of each position's
-        own adapter, as planned for this forward."""
+    def project(self, layers: tuple[str, ...], lin: Linear, x: torch.Tensor) -> torch.Tensor:
+        """For a group of projections of the same input x (N, d_in), fused in ``lin`` (their outputs side by
+        side): x·Wᵀ (+ bias) + Δ·x of each position's own adapter, as planned for this forward: (N, Σ d_out)."""
+
+
+# The projections of a block that share their input, each group one fused product (server/kernels.py).
+QKV, O, GATE_UP, DOWN = ("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,8 @@ class ModelRunner:
         self.model = model
         self.decoder = model.model
         self.layers = list(self.decoder.layers)
-        self.lm_head = model.get_output_embeddings()
+        head = model.get_output_embeddings()
+        self.lm_head = Linear([head.weight], [head.bias])  # packed for the CPU's GEMM library (server/kernels.py)
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
@@ -108,23 +113,27 @@ class ModelRunner:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.cache = KVCache(len(self.layers), max_rows, self.n_kv, max_len, self.head_dim, self.dtype, self.device)
-        # Each block's projections by short name, with the module paths the adapter bank knows them by.
+        # Each block's projection groups: the module paths the adapter bank knows them by, and their fused
+        # base-weight product (packed for the CPU's GEMM library: server/kernels.py).
         path_of = {id(m): n for n, m in model.named_modules()}
-        self.projs: list[dict[str, tuple[str, torch.nn.Linear]]] = []
+        self.groups: list[dict[tuple[str, ...], tuple[tuple[str, ...], Linear]]] = []
         for layer in self.layers:
-            mods = {k: getattr(layer.self_attn, k) for k in ("q_proj", "k_proj", "v_proj", "o_proj")}
-            mods.update({k: getattr(layer.mlp, k) for k in ("gate_proj", "up_proj", "down_proj")})
-            self.projs.append({k: (path_of[id(m)], m) for k, m in mods.items()})
+            mods = {k: getattr(layer.self_attn, k) for k in QKV + O}
+            mods.update({k: getattr(layer.mlp, k) for k in GATE_UP + DOWN})
+            self.groups.append({
+                group: (tuple(path_of[id(mods[k])] for k in group),
+                        Linear([mods[k].weight for k in group], [mods[k].bias for k in group]))
+                for group in (QKV, O, GATE_UP, DOWN)})
 
     # -- building blocks -------------------------------------------------------------------------------------
 
-    def _project(self, layer_idx: int, which: tuple[str, ...], x: torch.Tensor,
-                 plan: Plan | None) -> list[torch.Tensor]:
-        """The projections ``which`` of block ``layer_idx``, all of input x (N, d_in): a list of (N, d_out)."""
-        paths, lins = zip(*(self.projs[layer_idx][w] for w in which))
+    def _project(self, layer_idx: int, group: tuple[str, ...], x: torch.Tensor, plan: Plan | None) -> torch.Tensor:
+        """The projection group ``group`` of block ``layer_idx`` of input x (N, d_in): (N, Σ d_out), the
+        group's outputs side by side."""
+        paths, lin = self.groups[layer_idx][group]
         if plan is None:
-            return [F.linear(x, lin.weight, lin.bias) for lin in lins]
-        return plan.project(paths, lins, x)
+            return lin(x)
+        return plan.project(paths, lin, x)
 
     def _rope(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for the given positions: (N, head_dim) each, from the model's own rotary module."""
@@ -135,7 +144,7 @@ class ModelRunner:
         """h: (N, d) -> q (N, H, hd), k and v (N, KV, hd), with rotary positions applied."""
         attn = self.layers[i].self_attn
         n = h.shape[0]
-        q, k, v = self._project(i, ("q_proj", "k_proj", "v_proj"), h, plan)
+        q, k, v = self._project(i, QKV, h, plan).split(self.groups[i][QKV][1].widths, dim=-1)
         q = q.view(n, self.n_heads, self.head_dim)
         k = k.view(n, self.n_kv, self.head_dim)
         v = v.view(n, self.n_kv, self.head_dim)
@@ -146,9 +155,10 @@ class ModelRunner:
 
     def _block_tail(self, i: int, resid: torch.Tensor, attn_out: torch.Tensor, plan) -> torch.Tensor:
         layer = self.layers[i]
-        h = resid + self._project(i, ("o_proj",), attn_out, plan)[0]
-        gate, up = self._project(i, ("gate_proj", "up_proj"), layer.post_attention_layernorm(h), plan)
-        return h + self._project(i, ("down_proj",), layer.mlp.act_fn(gate) * up, plan)[0]
+        h = resid + self._project(i, O, attn_out, plan)
+        gate, up = self._project(i, GATE_UP, layer.post_attention_layernorm(h), plan).split(
+            self.groups[i][GATE_UP][1].widths, dim=-1)
+        return h + self._project(i, DOWN, layer.mlp.act_fn(gate) * up, plan)
 
     # -- one step: decode rows and prompt chunks in one forward ----------------------------------------------
 

@@ -92,3 +92,39 @@ def test_rows_leaving_and_moving_keep_their_cache(tiny_base, bank):
         seq.append(int(lg[0].argmax()))
         last = lg.argmax(-1)
     assert seq == expected[0]
+
+
+@pytest.mark.parametrize("mix", [
+    ["sparse-a", "sparse-a", "sparse-a", BASE, "dense-b", "sparse-a"],  # by adapter, a base row left out
+    ["sparse-a", STACK, "sparse-a", STACK, "lowrank-c", "dense-b"],  # mixed kinds
+    ["sparse-a", "sparse-a"],  # every row adapted
+])
+def test_both_plan_layouts_equal_the_per_row_reference(tiny_base, bank, mix):
+    """RowPlan.add by row and by adapter against the slow reference: each row's dense delta times its input."""
+    state, refs = bank
+    runner = ModelRunner(tiny_base.model, max_rows=8, max_len=64)
+    rows = [(state, state.slot_of(name)) for name in mix]
+    g = torch.Generator().manual_seed(5)
+    for group in runner.groups:
+        for paths, lin in group.values():
+            d_in = lin.parts[0][0].shape[1]
+            x = torch.randn(len(mix), d_in, generator=g)
+            y0 = torch.randn(len(mix), sum(lin.widths), generator=g)
+            expected = y0.clone()
+            for i, name in enumerate(mix):
+                start = 0
+                for path, width in zip(paths, lin.widths):
+                    if path in refs[name]:
+                        expected[i, start:start + width] += refs[name][path].float() @ x[i]
+                    start += width
+            layouts = []
+            for by_adapter in (False, True):
+                plan = RowPlan(rows, runner.device)
+                plan.by_adapter = plan.by_adapter and by_adapter
+                if by_adapter and not plan.by_adapter:
+                    continue
+                y = y0.clone()
+                plan.add(paths, lin.widths, x, y)
+                assert torch.allclose(y, expected, atol=1e-5), (paths, by_adapter, float((y - expected).abs().max()))
+                layouts.append(by_adapter)
+            assert layouts == [False, True]  # each mix shares adapters enough for both layouts

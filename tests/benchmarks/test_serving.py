@@ -1,0 +1,38 @@
+"""The serving benchmark (``python -m benchmarks.serving``): its summary, and a short end-to-end run on the tiny
+model with every case, a real server on loopback and the transformers anchor."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import serving
+
+
+def test_summary_takes_the_median_of_the_repeats_and_the_table_gives_the_ratios():
+    runs = [{"case": case, "concurrency": 8, "repeat": i, "tok_s": v, "p50_s": 1.0 + i, "p99_s": 2.0 + i,
+             "requests": 32, "failures": 0}
+            for case, values in (("base", [100.0, 90.0, 120.0]), ("tasks", [95.0, 60.0, 99.0]))
+            for i, v in enumerate(values)]
+    rows = {r["case"]: r for r in serving.summary({"runs": runs})}
+    assert rows["base"]["tok_s"] == 100.0 and rows["base"]["tok_s_min"] == 90.0 and rows["base"]["tok_s_max"] == 120.0
+    assert rows["tasks"]["tok_s"] == 95.0 and rows["tasks"]["repeats"] == 3 and rows["tasks"]["p50_s"] == 2.0
+    assert "(b)/(a) at 8: 0.95" in serving.table({"runs": runs})
+
+
+def test_benchmark_runs_every_case_on_the_tiny_model(tiny_model_dir, tmp_path):
+    out = tmp_path / "serving.json"
+    assert serving.main(["--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache"),
+                         "--concurrency", "1", "3", "--requests-per-stream", "1", "--repeat", "2",
+                         "--min-new", "2", "--max-new", "5", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    runs = results["runs"]
+    assert {(r["case"], r["concurrency"]) for r in runs} == {
+        (c, s) for c in ("base", "tasks", "stack", "hf") for s in (1, 3)}
+    assert sum(r["case"] == "tasks" for r in runs) == 4  # two concurrencies, two repeats
+    requested = sum(n for _, n in serving.make_requests(8, 2, 5, 0))
+    for r in runs:
+        assert r["failures"] == 0 and r["requests"] == 8
+        assert r["tokens"] == requested, r  # every request generated exactly what it asked for
+        assert r["tok_s"] > 0
+    assert len(results["summary"]) == 8
