@@ -322,7 +322,8 @@ class Engine:
         rows = [seq.adapter for seq in self._decoding]
         key = RowPlan.key(rows)
         if key != self._plan_key:
-            self._plan, self._plan_key = RowPlan(rows, self.runner.device, self._tables), key
+            self._plan = RowPlan(rows, self.runner.device, self._tables, previous=self._plan)
+            self._plan_key = key
         chunks = self._chunks()
         self._in_step = [seq for seq, _ in chunks]  # may leave both lists mid-step: failed too if the step fails
         n = len(self._decoding)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.bank import BASE, STACK, RowPlan, StepPlan
+from server.bank import BASE, STACK, BlockTables, RowPlan, StepPlan
 from server.model import merged_deltas
 from server.runner import ModelRunner
 from support import make_bank
@@ -128,3 +128,35 @@ def test_both_plan_layouts_equal_the_per_row_reference(tiny_base, bank, mix):
                 assert torch.allclose(y, expected, atol=1e-5), (paths, by_adapter, float((y - expected).abs().max()))
                 layouts.append(by_adapter)
             assert layouts == [False, True]  # each mix shares adapters enough for both layouts
+
+
+def test_a_batch_change_that_keeps_the_adapters_keeps_the_block_products(tiny_base, bank):
+    """Rows leave and join every few steps at 16-32 streams, mostly without changing the set of adapters: the block
+    products stay (and stay right); a new set of adapters rebuilds them."""
+    state, refs = bank
+    runner = ModelRunner(tiny_base.model, max_rows=8, max_len=64)
+    tables = BlockTables(8, runner.device)
+    paths, lin = runner.groups[0][("q_proj", "k_proj", "v_proj")]
+    d_in = lin.parts[0][0].shape[1]
+    a = (state, state.slot_of("sparse-a"))
+    s = (state, state.slot_of(STACK))
+    first = RowPlan([a, a, a], runner.device, tables)
+    second = RowPlan([a, (state, -1), a], runner.device, tables, previous=first)  # one left, a @base row joined
+    third = RowPlan([a, s, a, s], runner.device, tables, previous=second)  # @stack joined: other adapters
+    assert first.by_adapter and second.by_adapter and third.by_adapter
+    g = torch.Generator().manual_seed(9)
+    for plan, names in ((first, ["sparse-a"] * 3), (second, ["sparse-a", BASE, "sparse-a"]),
+                        (third, ["sparse-a", STACK, "sparse-a", STACK])):
+        x = torch.randn(len(names), d_in, generator=g)
+        y = torch.zeros(len(names), sum(lin.widths))
+        plan.add(paths, lin.widths, x, y)
+        expected = torch.zeros_like(y)
+        for i, name in enumerate(names):
+            start = 0
+            for path, width in zip(paths, lin.widths):
+                if path in refs[name]:
+                    expected[i, start:start + width] = refs[name][path].float() @ x[i]
+                start += width
+        assert torch.allclose(y, expected, atol=1e-5), names
+    assert second._prepared is first._prepared  # reused: same adapters
+    assert third._prepared is not second._prepared  # rebuilt: another set of adapters
