@@ -2,16 +2,19 @@
 per-batch plan that adds each row's own delta to a targeted projection in one vectorised call.
 
 Representation, chosen by measurement on the 2-core CPU this was built on (SmolLM2-135M, q_proj+v_proj of one
-block fused to 768x576, fp32, MKL):
+block fused to 768x576, fp32; the base products then went through MKL, before ``server/kernels.py``):
   * sparse (CSR, int32 indices) for slots of density below ``DENSE_ABOVE``. A decode step multiplies the
-    batch's x (n rows) by one block-diagonal CSR matrix whose row blocks are each row's own task delta: one
-    SpMV of n·nnz multiply-adds. At 3.5 % density (rank-8 JumpLoRA) and 16 rows it took 73 µs against 128 µs
-    for the dense base GEMM of the same layer, and 17 µs against 27 µs for one row; per-slot dense deltas
-    grouped by row cost one extra weight read per distinct task (8 tasks: about 2x the base time).
+    batch's inputs by one block-diagonal CSR matrix per projection group (``RowPlan``: a block per row, or per
+    adapter when rows share adapters). At 3.5 % density (rank-8 JumpLoRA) and 16 rows, one block per row, it
+    took 73 µs against 128 µs for the dense base product of the same layers, and 17 µs against 27 µs for one
+    row; per-slot dense deltas grouped by row cost one extra weight read per distinct task (8 tasks: about 2x
+    the base time). With the base products packed for oneDNN (about 3x faster), the delta products of 8
+    adapters are about a tenth of a decode step (README, Benchmarks): reading the deltas from memory is most
+    of their cost.
   * dense (d_out, d_in) for denser slots: the same rows-grouped GEMM costs the same at any density, and the
     sparse product passes it at about 6 % density. ``@stack`` (the sum of all tasks) is dense as soon as a few
     tasks overlap little, so it also keeps merged weights W + Σ: a batch of only ``@stack`` rows runs the very
-    same GEMMs as ``@base`` (no extra cost at all), a mixed batch pays one grouped GEMM for its stack rows.
+    same products as ``@base`` (no extra cost at all), a mixed batch pays one grouped GEMM for its stack rows.
   * low rank (A, B) for dense-LoRA baseline adapters: s·(x·Aᵀ)·Bᵀ is cheaper than either.
 A state is immutable once built; registering a task builds a new state off the engine thread and the engine
 swaps it in between two decode steps."""
@@ -124,6 +127,8 @@ class BankState:
     def stack_linear(self, layers: tuple[str, ...], base: Linear) -> Linear:
         """The fused product of a projection group with the merged ``@stack`` weights W + Σ deltas, from the
         group's base product ``base``; packed on first use."""
+        if not any(name in self.stack_weights for name in layers):
+            return base  # no task adapts these layers: no second copy of their weights
         if layers not in self._stack_linears:
             parts = [(self.stack_weights.get(name, w), b) for name, (w, b) in zip(layers, base.parts)]
             self._stack_linears[layers] = Linear([w for w, _ in parts], [b for _, b in parts])

@@ -27,6 +27,18 @@ def test_representations_are_as_intended(bank):
     assert layer in state.stack_weights
 
 
+def test_stack_products_copy_only_the_groups_that_tasks_adapt(tiny_base, bank):
+    state, _ = bank
+    runner = ModelRunner(tiny_base.model, max_rows=2, max_len=16)
+    qkv, o = runner.groups[0][("q_proj", "k_proj", "v_proj")], runner.groups[0][("o_proj",)]
+    assert state.stack_linear(*o) is o[1]  # o_proj is not a target: the base product itself
+    merged = state.stack_linear(*qkv)
+    assert merged is not qkv[1] and merged is state.stack_linear(*qkv)  # built once
+    x = torch.randn(3, qkv[1].parts[0][0].shape[1])
+    q_path = qkv[0][0]
+    assert torch.allclose(merged(x)[:, :qkv[1].widths[0]], x @ state.stack_weights[q_path].T, atol=1e-5)
+
+
 def _greedy(runner, plan_rows, prompts_ids, steps):
     """Prefill each prompt into its own row, then decode all rows together for ``steps`` greedy steps.
     Returns per row: the generated tokens and the logits that chose each (first from the prefill)."""
