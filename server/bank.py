@@ -11,10 +11,13 @@ block fused to 768x576, fp32; the base products then went through MKL, before ``
     the base time). With the base products packed for oneDNN (about 3x faster), the delta products of 8
     adapters are about a tenth of a decode step (README, Benchmarks): reading the deltas from memory is most
     of their cost.
-  * dense (d_out, d_in) for denser slots: the same rows-grouped GEMM costs the same at any density, and the
-    sparse product passes it at about 6 % density. ``@stack`` (the sum of all tasks) is dense as soon as a few
-    tasks overlap little, so it also keeps merged weights W + Σ: a batch of only ``@stack`` rows runs the very
-    same products as ``@base`` (no extra cost at all), a mixed batch pays one grouped GEMM for its stack rows.
+  * dense (d_out, d_in) for slots denser than ``DENSE_ABOVE`` (one oneDNN product per distinct delta, its
+    rows gathered). With 8 tasks on q_proj and v_proj at density d, one decode step of 16 rows took, sparse /
+    dense (ms; ``python -m benchmarks.deltas``; the base model alone 28-30): d = 0.035: 30.9 / 54.4; 0.2: 35.8 /
+    53.8; 0.39: 42.8 / 56.7; 0.6: 48.4 / 54.4. One row at d = 0.6: 22.4 / 23.2 (base alone 19.7). Sparse wins
+    up to well past half density, because the dense path reads every task's full weight matrix. ``@stack`` (the
+    sum of all tasks) keeps merged weights W + Σ as well: a batch of only ``@stack`` rows runs the very same
+    products as ``@base`` (no extra cost at all), a mixed batch pays its stack rows' delta like any task.
   * low rank (A, B) for dense-LoRA baseline adapters: s·(x·Aᵀ)·Bᵀ is cheaper than either.
 A state is immutable once built; registering a task builds a new state off the engine thread and the engine
 swaps it in between two decode steps."""
@@ -31,7 +34,7 @@ from .kernels import Linear
 
 BASE = "@base"
 STACK = "@stack"
-DENSE_ABOVE = 0.06  # slots denser than this are served dense (see the module docstring)
+DENSE_ABOVE = 0.5  # slots denser than this are served dense (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class SlotDelta:
     col: torch.Tensor | None = None  # (nnz,) int32         }
     val: torch.Tensor | None = None  # (nnz,) fp32          }
     dense: torch.Tensor | None = None  # (d_out, d_in) fp32
+    product: Linear | None = None  # the dense delta's product (packed for oneDNN on CPU)
     lowrank: tuple[torch.Tensor, torch.Tensor, float] | None = None  # A (r, d_in), B (d_out, r), scale
 
     @property
@@ -59,7 +63,7 @@ class SlotDelta:
         if self.kind == "sparse":
             return torch.sparse.mm(self.csr(), xf.T).T
         if self.kind == "dense":
-            return F.linear(xf, self.dense)
+            return self.product(xf)
         a, b, scale = self.lowrank
         return scale * F.linear(F.linear(xf, a), b)
 
@@ -72,8 +76,10 @@ class SlotDelta:
         return scale * (b @ a)
 
 
-def slot_delta(dense: torch.Tensor | None = None, *, lowrank=None, device=None) -> SlotDelta:
-    """Pick the representation of one layer's delta by its density (module docstring)."""
+def slot_delta(dense: torch.Tensor | None = None, *, lowrank=None, device=None,
+               dense_above: float = DENSE_ABOVE) -> SlotDelta:
+    """Pick the representation of one layer's delta by its density (module docstring): sparse up to
+    ``dense_above``, dense above."""
     if lowrank is not None:
         a, b, scale = lowrank
         shape = (b.shape[0], a.shape[1])
@@ -82,11 +88,11 @@ def slot_delta(dense: torch.Tensor | None = None, *, lowrank=None, device=None) 
     dense = dense.float().to(device)
     nnz = int(torch.count_nonzero(dense))
     shape = tuple(dense.shape)
-    if nnz <= DENSE_ABOVE * dense.numel():
+    if nnz <= dense_above * dense.numel():
         csr = dense.to_sparse_csr()
         return SlotDelta(shape=shape, nnz=nnz, crow=csr.crow_indices().to(torch.int32),
                          col=csr.col_indices().to(torch.int32), val=csr.values())
-    return SlotDelta(shape=shape, nnz=nnz, dense=dense)
+    return SlotDelta(shape=shape, nnz=nnz, dense=dense, product=Linear([dense]))
 
 
 def from_stored(delta: SparseDelta | LowRankDelta, device) -> SlotDelta:

@@ -36,12 +36,12 @@ def put_task(store: AdapterStore, name: str, deltas: dict[str, torch.Tensor], fi
 
 
 def make_bank(model):
-    """A bank state with one task in each representation: sparse (3 %), dense (30 %) and low rank, plus the
+    """A bank state with one task in each representation: sparse (3 %), dense (70 %) and low rank, plus the
     dense-form reference delta of every adapter name (tasks, @stack, @base) for merged-model checks."""
     from server.bank import BASE, STACK, TaskInfo, build_state, slot_delta
 
     sparse = task_deltas(model, 0.03, seed=1)
-    dense = task_deltas(model, 0.30, seed=2)
+    dense = task_deltas(model, 0.70, seed=2)
     g = torch.Generator().manual_seed(3)
     lowrank = {name: (torch.randn(4, d.shape[1], generator=g) * 0.1, torch.randn(d.shape[0], 4, generator=g) * 0.1,
                       2.0) for name, d in sparse.items()}

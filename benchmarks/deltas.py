@@ -1,0 +1,83 @@
+"""Decode-step time by delta representation: 8 tasks with random deltas of density d on q_proj and v_proj, each
+row of the batch on one of them (evenly), served sparse or dense, against the base model alone. The runner is
+driven directly (no HTTP, no scheduler), and the cases alternate in short blocks so that a slow stretch of a
+shared machine hits each alike; the figure is the median over the blocks.
+
+    python -m benchmarks.deltas [--model PATH] [--rows 1 16] [--density 0.035 0.2 0.39 0.6]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+N_TASKS = 8
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.deltas", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="local transformers model folder (default: the converted SmolLM2)")
+    ap.add_argument("--cache-dir", help="cache folder for the default model (default: the server's)")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--density", type=float, nargs="+", default=[0.035, 0.2, 0.39, 0.6])
+    ap.add_argument("--blocks", type=int, default=8, help="blocks of --steps steps per case")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from server.bank import BlockTables, RowPlan, StepPlan, TaskInfo, build_state, slot_delta
+    from server.config import Settings
+    from server.model import convert_default_model, load_base, target_linears
+    from server.runner import Chunk, ModelRunner
+
+    cache = Path(args.cache_dir) if args.cache_dir else Settings().cache_dir
+    model_dir = Path(args.model) if args.model else convert_default_model(cache)
+    base = load_base(model_dir, cache, "cpu", "float32")
+    layers = target_linears(base.model, ["q_proj", "v_proj"])
+    weights = {n: m.weight for n, m in base.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    most = max(args.rows)
+    runner = ModelRunner(base.model, max_rows=most, max_len=256)
+    prompt = list(range(100, 130))
+    for row in range(most):  # every row holds a 30-token prompt
+        runner.prefill(row, prompt, None)
+    g = torch.Generator().manual_seed(args.seed)
+    lines = ["| rows | density | base (ms) | sparse (ms) | dense (ms) |", "| --- | --- | --- | --- | --- |"]
+    for density in args.density:
+        deltas = [{name: torch.randn(m.weight.shape, generator=g) * 1e-3
+                   * (torch.rand(m.weight.shape, generator=g) < density) for name, m in layers.items()}
+                  for _ in range(N_TASKS)]
+        states = {}
+        for kind, dense_above in (("sparse", 1.0), ("dense", 0.0)):
+            tasks = [(TaskInfo(f"task-{t}", t, {}, 0, 1, 0.0),
+                      {name: slot_delta(d, dense_above=dense_above) for name, d in deltas[t].items()})
+                     for t in range(N_TASKS)]
+            states[kind] = build_state(weights, tasks, version=1)
+        for n in args.rows:
+            tables = BlockTables(n, runner.device)
+            plans = {"base": None}
+            for kind, state in states.items():
+                plans[kind] = StepPlan(RowPlan([(state, 1 + i % N_TASKS) for i in range(n)], runner.device,
+                                               tables), [])
+            tokens = torch.full((n,), 200)
+            times: dict[str, list[float]] = {k: [] for k in plans}
+            for _ in range(args.blocks):
+                for kind, plan in plans.items():
+                    runner.decode(tokens, torch.full((n,), len(prompt)), plan)  # first use outside the clock
+                    start = time.perf_counter()
+                    for k in range(args.steps):
+                        runner.decode(tokens, torch.full((n,), len(prompt) + k), plan)
+                    times[kind].append((time.perf_counter() - start) / args.steps * 1000)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            lines.append(f"| {n} | {density} | {med['base']:.1f} | {med['sparse']:.1f} | {med['dense']:.1f} |")
+            print(lines[-1], flush=True)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
