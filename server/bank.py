@@ -15,9 +15,14 @@ block fused to 768x576, fp32; the base products then went through MKL, before ``
     rows gathered). With 8 tasks on q_proj and v_proj at density d, one decode step of 16 rows took, sparse /
     dense (ms; ``python -m benchmarks.deltas``; the base model alone 28-30): d = 0.035: 30.9 / 54.4; 0.2: 35.8 /
     53.8; 0.39: 42.8 / 56.7; 0.6: 48.4 / 54.4. One row at d = 0.6: 22.4 / 23.2 (base alone 19.7). Sparse wins
-    up to well past half density, because the dense path reads every task's full weight matrix. ``@stack`` (the
-    sum of all tasks) keeps merged weights W + Σ as well: a batch of only ``@stack`` rows runs the very same
-    products as ``@base`` (no extra cost at all), a mixed batch pays its stack rows' delta like any task.
+    up to well past half density, because the dense path reads every task's full weight matrix. The threshold
+    is lower than that for memory: the block tables copy each row's (or adapter's) sparse delta, up to
+    ``max_batch_size`` copies of the densest one per layout, which for SmolLM2's q_proj and v_proj at 32 rows is
+    about 3.4 GB × d per layout (0.85 GB at 0.25), while a dense slot costs two copies of its matrix (the dense
+    one and oneDNN's), 106 MB for this model.
+  * ``@stack`` (the sum of all tasks) keeps merged weights W + Σ as well: a batch of only ``@stack`` rows runs
+    the very same products as ``@base`` (no extra cost at all), a mixed batch pays its stack rows' delta like
+    any task.
   * low rank (A, B) for dense-LoRA baseline adapters: s·(x·Aᵀ)·Bᵀ is cheaper than either.
 A state is immutable once built; registering a task builds a new state off the engine thread and the engine
 swaps it in between two decode steps."""
@@ -34,7 +39,7 @@ from .kernels import Linear
 
 BASE = "@base"
 STACK = "@stack"
-DENSE_ABOVE = 0.5  # slots denser than this are served dense (see the module docstring)
+DENSE_ABOVE = 0.25  # slots denser than this are served dense (see the module docstring)
 
 
 @dataclass(frozen=True)
