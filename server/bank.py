@@ -15,11 +15,13 @@ block fused to 768x576, fp32; the base products then went through MKL, before ``
     rows gathered). With 8 tasks on q_proj and v_proj at density d, one decode step of 16 rows took, sparse /
     dense (ms; ``python -m benchmarks.deltas``; the base model alone 28-30): d = 0.035: 30.9 / 54.4; 0.2: 35.8 /
     53.8; 0.39: 42.8 / 56.7; 0.6: 48.4 / 54.4. One row at d = 0.6: 22.4 / 23.2 (base alone 19.7). Sparse wins
-    up to well past half density, because the dense path reads every task's full weight matrix. The threshold
-    is lower than that for memory: the block tables copy each row's (or adapter's) sparse delta, up to
-    ``max_batch_size`` copies of the densest one per layout, which for SmolLM2's q_proj and v_proj at 32 rows is
-    about 3.4 GB × d per layout (0.85 GB at 0.25), while a dense slot costs two copies of its matrix (the dense
-    one and oneDNN's), 106 MB for this model.
+    up to well past half density, because the dense path reads every task's full weight matrix, and 0.06 is
+    still the threshold because of the block tables: every position of a table is padded to its densest block,
+    and the padding is multiplied like the deltas, so one dense-ish delta in a batch makes every row of it pay
+    for that density. With the threshold at 0.25, the ``@stack`` of the serving benchmark's 8 random tasks
+    (density 0.246) was served sparse, and a table sized for it during warm-up left the 8-task case at 0.76 of
+    ``@base`` at 16 streams (0.87 with 0.06). The dense path costs two copies of a dense slot (the dense one
+    and oneDNN's), 106 MB for SmolLM2's q_proj and v_proj.
   * ``@stack`` (the sum of all tasks) keeps merged weights W + Σ as well: a batch of only ``@stack`` rows runs
     the very same products as ``@base`` (no extra cost at all), a mixed batch pays its stack rows' delta like
     any task.
@@ -39,7 +41,7 @@ from .kernels import Linear
 
 BASE = "@base"
 STACK = "@stack"
-DENSE_ABOVE = 0.25  # slots denser than this are served dense (see the module docstring)
+DENSE_ABOVE = 0.06  # slots denser than this are served dense (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -277,7 +279,9 @@ class BlockTable:
         need = max((b.nnz for b in blocks if b is not None), default=0)
         if need == 0:
             return None
-        if need > self.capacity:
+        # Every position is padded to the capacity, and the padding is multiplied like the deltas: a table that
+        # once held a much denser block than the batch now needs shrinks again.
+        if need > self.capacity or self.capacity > 2 * need:
             self._allocate(-(-need * 33 // 32))
         for i, block in enumerate(blocks):
             if self.held[i] is not block:

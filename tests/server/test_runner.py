@@ -172,3 +172,22 @@ def test_a_batch_change_that_keeps_the_adapters_keeps_the_block_products(tiny_ba
         assert torch.allclose(y, expected, atol=1e-5), names
     assert second._prepared is first._prepared  # reused: same adapters
     assert third._prepared is not second._prepared  # rebuilt: another set of adapters
+
+
+def test_block_table_grows_for_a_denser_block_and_shrinks_when_it_leaves():
+    from server.bank import BlockTable, slot_delta
+
+    g = torch.Generator().manual_seed(4)
+
+    def delta(density):
+        return slot_delta(torch.randn(6, 5, generator=g) * (torch.rand(6, 5, generator=g) < density),
+                          dense_above=1.0)
+    sparse_a, sparse_b, dense = delta(0.2), delta(0.2), delta(0.9)
+    table = BlockTable(6, 5, max_rows=3, device=torch.device("cpu"))
+    x = torch.randn(3, 5, generator=g)
+    for blocks in ([sparse_a, sparse_b], [sparse_a, dense, sparse_b], [sparse_b, sparse_a]):
+        m = table.matrix(blocks)
+        expected = torch.cat([b.to_dense() @ x[i] for i, b in enumerate(blocks)])
+        assert torch.allclose(m @ x[:len(blocks)].reshape(-1), expected, atol=1e-6)
+        assert table.capacity >= max(b.nnz for b in blocks)
+        assert table.capacity <= 2 * max(b.nnz for b in blocks) + 1  # padding stays within twice the need
