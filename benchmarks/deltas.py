@@ -11,7 +11,8 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
+
+from .model_args import add_model_args, model_and_cache
 
 N_TASKS = 8
 
@@ -19,8 +20,7 @@ N_TASKS = 8
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.deltas", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="local transformers model folder (default: the converted SmolLM2)")
-    ap.add_argument("--cache-dir", help="cache folder for the default model (default: the server's)")
+    add_model_args(ap)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--density", type=float, nargs="+", default=[0.035, 0.2, 0.39, 0.6])
     ap.add_argument("--blocks", type=int, default=8, help="blocks of --steps steps per case")
@@ -31,12 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from server.bank import BlockTables, RowPlan, StepPlan, TaskInfo, build_state, slot_delta
-    from server.config import Settings
-    from server.model import convert_default_model, load_base, target_linears
-    from server.runner import Chunk, ModelRunner
+    from server.model import load_base, target_linears
+    from server.runner import ModelRunner
 
-    cache = Path(args.cache_dir) if args.cache_dir else Settings().cache_dir
-    model_dir = Path(args.model) if args.model else convert_default_model(cache)
+    model_dir, cache = model_and_cache(args)
     base = load_base(model_dir, cache, "cpu", "float32")
     layers = target_linears(base.model, ["q_proj", "v_proj"])
     weights = {n: m.weight for n, m in base.model.named_modules() if isinstance(m, torch.nn.Linear)}

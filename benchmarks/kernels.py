@@ -10,14 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
+
+from .model_args import add_model_args, model_and_cache
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="local transformers model folder (default: the converted SmolLM2)")
-    ap.add_argument("--cache-dir", help="cache folder for the default model (default: the server's)")
+    add_model_args(ap)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 32])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -26,15 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.nn.functional as F
 
-    from server.config import Settings
     from server.kernels import Linear, onednn_available
-    from server.model import convert_default_model, load_base
+    from server.model import load_base
     from server.runner import ModelRunner
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cache = Path(args.cache_dir) if args.cache_dir else Settings().cache_dir
-    model_dir = Path(args.model) if args.model else convert_default_model(cache)
+    model_dir, cache = model_and_cache(args)
     base = load_base(model_dir, cache, "cpu", "float32")
     runner = ModelRunner(base.model, max_rows=1, max_len=16)
     fused = [lin for group in runner.groups for _, lin in group.values()] + [runner.lm_head]

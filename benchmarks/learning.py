@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from .model_args import add_model_args, model_and_cache
 from .serving import percentile
 
 DEFAULT_DATA = [Path(__file__).resolve().parents[2] / "shared" / "data" / "cl-benchmark",
@@ -91,24 +92,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=500, help="rows posted (10 % are held out by the job)")
     ap.add_argument("--test-rows", type=int, default=100, help="test rows scored through the served routes")
     ap.add_argument("--data", help="benchmark folder (default: ../shared/data/cl-benchmark, else the subset)")
-    ap.add_argument("--model", help="local model folder (default: the converted SmolLM2)")
-    ap.add_argument("--cache-dir")
+    add_model_args(ap)
     ap.add_argument("--config", default="{}", help="training config (JSON)")
     ap.add_argument("--probe-seconds", type=float, default=30.0, help="latency probe without training")
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from server.config import Settings
-    from server.model import convert_default_model
-
     from .loopback import ServerProcess
 
     data = find_data(args.data) / args.task
     train = load_rows(data, "train", args.rows, args.seed)
     test = load_rows(data, "test", args.test_rows, args.seed)
-    cache = Path(args.cache_dir) if args.cache_dir else Settings().cache_dir
-    model_dir = Path(args.model) if args.model else convert_default_model(cache)
+    model_dir, cache = model_and_cache(args)
     work = Path(tempfile.mkdtemp(prefix="jumplora-learn-"))
     server = ServerProcess(model_dir, work / "store", cache, extra_args=["--log-level", "warning"],
                            log_path=work / "server.log").wait_ready(timeout=300)

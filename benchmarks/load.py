@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 
+from .model_args import add_model_args, model_and_cache
 from .serving import PROMPTS, percentile, write_store
 
 
@@ -84,20 +85,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=120)
     ap.add_argument("--min-new", type=int, default=4)
     ap.add_argument("--max-new", type=int, default=16)
-    ap.add_argument("--model", help="local model folder (default: the converted SmolLM2)")
-    ap.add_argument("--cache-dir")
+    add_model_args(ap)
     ap.add_argument("--train-rows", type=int, default=64, help="rows of the job started at 30 %% of the run")
     ap.add_argument("--out")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from server.config import Settings
-    from server.model import convert_default_model, load_base
+    from server.model import load_base
 
     from .loopback import ServerProcess
 
-    cache = Path(args.cache_dir) if args.cache_dir else Settings().cache_dir
-    model_dir = Path(args.model) if args.model else convert_default_model(cache)
+    model_dir, cache = model_and_cache(args)
     base = load_base(model_dir, cache, "cpu", "float32")
     work = Path(tempfile.mkdtemp(prefix="jumplora-load-"))
     tasks = write_store(work / "store", base.model, base.fingerprint)[:4] + ["@stack", "@base"]

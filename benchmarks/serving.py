@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .model_args import add_model_args, model_and_cache
+
 PROMPTS = [
     "Write a short poem about the sea.",
     "Explain what a hash table is to a new programmer.",
@@ -156,8 +158,7 @@ def hf_anchor(model, tokenizer, requests: list[tuple[str, int]], batch: int, ign
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="local transformers model folder (default: the converted SmolLM2)")
-    ap.add_argument("--cache-dir", help="cache folder for the default model (default: the server's)")
+    add_model_args(ap)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32])
     ap.add_argument("--requests-per-stream", type=int, default=4, help="requests = streams x this (at least 8)")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each server case at each concurrency")
@@ -175,13 +176,11 @@ def main(argv: list[str] | None = None) -> int:
                     "lengths as the model chooses them, capped by max_new_tokens)")
     args = ap.parse_args(argv)
 
-    from server.config import Settings
+    from server.model import load_base
 
     from .loopback import ServerProcess
-    from server.model import convert_default_model, load_base
 
-    cache = Path(args.cache_dir) if args.cache_dir else Settings().cache_dir
-    model_dir = Path(args.model) if args.model else convert_default_model(cache)
+    model_dir, cache = model_and_cache(args)
     base = load_base(model_dir, cache, args.device, args.dtype)
     results: dict = {"model": str(model_dir), "dtype": str(base.dtype), "device": str(base.device), "runs": []}
     work = Path(tempfile.mkdtemp(prefix="jumplora-bench-"))

@@ -106,6 +106,19 @@ def test_rows_leaving_and_moving_keep_their_cache(tiny_base, bank):
     assert seq == expected[0]
 
 
+def _reference(refs, names, paths, widths, x):
+    """The slow per-row reference: each row's dense delta of each layer in the group times its input, the layers'
+    outputs side by side: (len(names), Σ widths)."""
+    out = torch.zeros(len(names), sum(widths))
+    for i, name in enumerate(names):
+        start = 0
+        for path, width in zip(paths, widths):
+            if path in refs[name]:
+                out[i, start:start + width] = refs[name][path].float() @ x[i]
+            start += width
+    return out
+
+
 @pytest.mark.parametrize("mix", [
     ["sparse-a", "sparse-a", "sparse-a", BASE, "dense-b", "sparse-a"],  # by adapter, a base row left out
     ["sparse-a", STACK, "sparse-a", STACK, "lowrank-c", "dense-b"],  # mixed kinds
@@ -122,13 +135,7 @@ def test_both_plan_layouts_equal_the_per_row_reference(tiny_base, bank, mix):
             d_in = lin.parts[0][0].shape[1]
             x = torch.randn(len(mix), d_in, generator=g)
             y0 = torch.randn(len(mix), sum(lin.widths), generator=g)
-            expected = y0.clone()
-            for i, name in enumerate(mix):
-                start = 0
-                for path, width in zip(paths, lin.widths):
-                    if path in refs[name]:
-                        expected[i, start:start + width] += refs[name][path].float() @ x[i]
-                    start += width
+            expected = y0 + _reference(refs, mix, paths, lin.widths, x)
             layouts = []
             for by_adapter in (False, True):
                 plan = RowPlan(rows, runner.device)
@@ -162,13 +169,7 @@ def test_a_batch_change_that_keeps_the_adapters_keeps_the_block_products(tiny_ba
         x = torch.randn(len(names), d_in, generator=g)
         y = torch.zeros(len(names), sum(lin.widths))
         plan.add(paths, lin.widths, x, y)
-        expected = torch.zeros_like(y)
-        for i, name in enumerate(names):
-            start = 0
-            for path, width in zip(paths, lin.widths):
-                if path in refs[name]:
-                    expected[i, start:start + width] = refs[name][path].float() @ x[i]
-                start += width
+        expected = _reference(refs, names, paths, lin.widths, x)
         assert torch.allclose(y, expected, atol=1e-5), names
     assert second._prepared is first._prepared  # reused: same adapters
     assert third._prepared is not second._prepared  # rebuilt: another set of adapters
