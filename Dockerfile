@@ -10,7 +10,10 @@ FROM ${BASE_IMAGE}
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
-RUN if ! command -v make >/dev/null; then apt-get update && apt-get install -y --no-install-recommends make \
+# make for the install; gcc (with libc headers) builds the CPU sparse-delta kernel at the server's first start
+# (server/sparse_kernel.py; without it the server still runs, on torch's slower sparse products).
+RUN missing=""; for tool in make gcc; do command -v $tool >/dev/null || missing="$missing $tool"; done; \
+    if [ -n "$missing" ]; then apt-get update && apt-get install -y --no-install-recommends make gcc libc6-dev \
       && rm -rf /var/lib/apt/lists/*; fi \
  && useradd --create-home --uid 10001 jumplora
 

@@ -1,5 +1,6 @@
 """Decode-step time by delta representation: 8 tasks with random deltas of density d on q_proj and v_proj, each
-row of the batch on one of them (evenly), served sparse or dense, against the base model alone. The runner is
+row of the batch on one of them (evenly), served sparse (through torch's block tables, and through the compiled
+kernel of ``server/sparse_kernel.py``) or dense, against the base model alone. The runner is
 driven directly (no HTTP, no scheduler), and the cases alternate in short blocks so that a slow stretch of a
 shared machine hits each alike; the figure is the median over the blocks.
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blocks", type=int, default=8, help="blocks of --steps steps per case")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-kernel", action="store_true", help="leave out the compiled kernel's case")
     args = ap.parse_args(argv)
 
     import torch
@@ -33,8 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     from server.bank import BlockTables, RowPlan, StepPlan, TaskInfo, build_state, slot_delta
     from server.model import load_base, target_linears
     from server.runner import ModelRunner
+    from server.sparse_kernel import load as load_kernel
 
     model_dir, cache = model_and_cache(args)
+    kernel = None if args.no_kernel else load_kernel(cache / "kernels")
     base = load_base(model_dir, cache, "cpu", "float32")
     layers = target_linears(base.model, ["q_proj", "v_proj"])
     weights = {n: m.weight for n, m in base.model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -44,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in range(most):  # every row holds a 30-token prompt
         runner.prefill(row, prompt, None)
     g = torch.Generator().manual_seed(args.seed)
-    lines = ["| rows | density | base (ms) | sparse (ms) | dense (ms) |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| rows | density | base (ms) | sparse, torch (ms) | sparse, kernel (ms) | dense (ms) |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for density in args.density:
         deltas = [{name: torch.randn(m.weight.shape, generator=g) * 1e-3
                    * (torch.rand(m.weight.shape, generator=g) < density) for name, m in layers.items()}
@@ -59,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             tables = BlockTables(n, runner.device)
             plans = {"base": None}
             for kind, state in states.items():
-                plans[kind] = StepPlan(RowPlan([(state, 1 + i % N_TASKS) for i in range(n)], runner.device,
-                                               tables), [])
+                rows = [(state, 1 + i % N_TASKS) for i in range(n)]
+                plans[kind] = StepPlan(RowPlan(rows, runner.device, tables), [])
+                if kind == "sparse" and kernel is not None:
+                    plans["kernel"] = StepPlan(RowPlan(rows, runner.device, kernel=kernel), [])
             tokens = torch.full((n,), 200)
             times: dict[str, list[float]] = {k: [] for k in plans}
             for _ in range(args.blocks):
@@ -71,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
                         runner.decode(tokens, torch.full((n,), len(prompt) + k), plan)
                     times[kind].append((time.perf_counter() - start) / args.steps * 1000)
             med = {k: statistics.median(v) for k, v in times.items()}
-            lines.append(f"| {n} | {density} | {med['base']:.1f} | {med['sparse']:.1f} | {med['dense']:.1f} |")
+            with_kernel = f"{med['kernel']:.1f}" if "kernel" in med else "-"
+            lines.append(f"| {n} | {density} | {med['base']:.1f} | {med['sparse']:.1f} | {with_kernel} "
+                         f"| {med['dense']:.1f} |")
             print(lines[-1], flush=True)
     print("\n".join(lines))
     return 0

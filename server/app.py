@@ -59,9 +59,14 @@ class ServerState:
             model_len = int(getattr(self.base.model.config, "max_position_embeddings", 2048))
             max_len = min(model_len, s.max_model_len) if s.max_model_len else min(model_len, 2048)
             runner = ModelRunner(self.base.model, max_rows=s.max_batch_size, max_len=max_len)
+            kernel = None
+            if s.sparse_kernel and runner.device.type == "cpu":
+                from .sparse_kernel import load as load_kernel
+                kernel = load_kernel(s.cache_dir / "kernels")
             self.engine = Engine(runner, self.base.tokenizer, state, self.metrics, max_batch=s.max_batch_size,
                                  max_queue=s.max_queue, max_len=max_len, prefill_budget=s.prefill_budget,
-                                 max_prompt_tokens=s.max_prompt_tokens, max_new_tokens=s.max_new_tokens_limit)
+                                 max_prompt_tokens=s.max_prompt_tokens, max_new_tokens=s.max_new_tokens_limit,
+                                 sparse_kernel=kernel)
             self.jobs = JobManager(
                 JobFiles(self.store.root / ".jobs"), self._worker_command(), self.store.exists, self.store.manifest,
                 self._register, self.metrics,

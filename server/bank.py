@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from adapters_store import LowRankDelta, SparseDelta
 
 from .kernels import Linear
+from .sparse_kernel import SparseDeltaKernel
 
 BASE = "@base"
 STACK = "@stack"
@@ -296,6 +297,11 @@ class BlockTable:
 _UNSET = object()
 
 
+def _empty_csr(d_out: int, d_in: int) -> SlotDelta:
+    return SlotDelta(shape=(d_out, d_in), nnz=0, crow=torch.zeros(d_out + 1, dtype=torch.int32),
+                     col=torch.zeros(0, dtype=torch.int32), val=torch.zeros(0, dtype=torch.float32))
+
+
 class BlockTables:
     """The engine's block tables, one per layer group, shared by its successive plans (one live at a time)."""
 
@@ -333,8 +339,11 @@ class RowPlan:
     1.5 rows per adapter."""
 
     def __init__(self, rows: list[RowAdapter], device, tables: BlockTables | None = None,
-                 previous: RowPlan | None = None):
+                 previous: RowPlan | None = None, kernel: SparseDeltaKernel | None = None):
         self.rows = rows
+        # the compiled CPU kernel (``server/sparse_kernel.py``; fp32 on CPU): when given, it does the sparse
+        # products instead of the block tables, reading each adapter's delta once for up to 4 of its rows
+        self.kernel = kernel
         self.n = len(rows)
         self.device = device
         # the engine's tables (it keeps one plan alive at a time); a plan of its own otherwise
@@ -351,7 +360,18 @@ class RowPlan:
                           key=lambda kv: (kv[1][0].version, kv[1][1]))
         self.adapters = [adapter for _, adapter in distinct]  # (T,)
         self.by_adapter = bool(with_adapter) and 2 * len(with_adapter) >= 3 * len(self.adapters)
-        if self.by_adapter:
+        if kernel is not None:
+            members: list[list[int]] = [[] for _ in self.adapters]
+            where = {key: t for t, (key, _) in enumerate(distinct)}
+            for i in with_adapter:
+                members[where[(id(rows[i][0]), rows[i][1])]].append(i)
+            starts = [0]
+            for m in members:
+                starts.append(starts[-1] + len(m))
+            self.k_start = torch.tensor(starts, dtype=torch.int32)  # (T + 1,) adapter t's rows in k_rows
+            self.k_rows = torch.tensor([i for m in members for i in m], dtype=torch.int32)  # (n_a,) by adapter
+            self._scratch = torch.empty(0, dtype=torch.float32)  # (n_a · d_in,) the kernel's interleaved inputs
+        elif self.by_adapter:
             where = {key: t for t, (key, _) in enumerate(distinct)}
             seen = [0] * len(self.adapters)
             t_idx, k_idx = [], []
@@ -370,8 +390,10 @@ class RowPlan:
         # the previous plan's block products, which depend on the adapters alone (``previous``: the plan this one
         # replaces, on the same tables).
         self.adapters_key = RowPlan.key(self.adapters)
-        if (previous is not None and previous.tables is self.tables and self.by_adapter and previous.by_adapter
-                and previous.adapters_key == self.adapters_key and not self.unsparse and not previous.unsparse):
+        same_products = (previous is not None and previous.kernel is kernel and (
+            previous.tables is self.tables and self.by_adapter and previous.by_adapter if kernel is None else True))
+        if (same_products and previous.adapters_key == self.adapters_key
+                and not self.unsparse and not previous.unsparse):
             self._prepared = previous._prepared
 
     @staticmethod
@@ -379,12 +401,17 @@ class RowPlan:
         return tuple((id(state), slot) for state, slot in rows)
 
     def _prepare(self, layers: tuple[str, ...], widths: tuple[int, ...]) -> tuple:
-        owners = self.adapters if self.by_adapter else self.rows
+        owners = self.adapters if self.by_adapter or self.kernel is not None else self.rows
         blocks = [state.fused_csr(layers, widths, slot) if slot >= 0 else None for state, slot in owners]
         block = None
         if any(b is not None for b in blocks):
             d_out, d_in = next(b.shape for b in blocks if b is not None)
-            block = self.tables.get(layers, d_out, d_in, "adapter" if self.by_adapter else "row").matrix(blocks)
+            if self.kernel is not None:
+                empty = _empty_csr(d_out, d_in)  # an adapter with no sparse delta in this group
+                block = self.kernel.prepare([b if b is not None else empty for b in blocks])
+            else:
+                layout = "adapter" if self.by_adapter else "row"
+                block = self.tables.get(layers, d_out, d_in, layout).matrix(blocks)
         offsets = [sum(widths[:j]) for j in range(len(layers))]
         others: dict[int, tuple[int, SlotDelta, list[int]]] = {}  # dense and low-rank deltas, by layer
         for i, names in self.unsparse:
@@ -418,7 +445,13 @@ class RowPlan:
         if layers not in self._prepared:
             self._prepared[layers] = self._prepare(layers, widths)
         block, groups = self._prepared[layers]
-        if block is not None:
+        if block is not None and self.kernel is not None:
+            need = self.k_rows.numel() * block.d_in
+            if self._scratch.numel() < need:
+                self._scratch = torch.empty(need, dtype=torch.float32)
+            self.kernel.add(block, self.k_start, self.k_rows, x if x.stride(1) == 1 else x.contiguous(), y,
+                            self._scratch)
+        elif block is not None:
             out = self._sparse(block, x).to(y.dtype)  # (n_a, Σ d_out)
             if self.by_adapter and self.row_idx is not None:
                 y.index_add_(0, self.row_idx, out)

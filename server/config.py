@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights dtype; auto: float32 on CPU, bfloat16 on CUDA")
+    sparse_kernel: bool = Field(True, description="on CPU, compile the sparse-delta kernel with the system C "
+                                "compiler (cc or $CC) into cache_dir; off, or without a compiler: torch's "
+                                "sparse products (same results, slower)")
     threads: int | None = Field(None, ge=1, description="torch threads for serving (unset: torch's choice)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     max_batch_size: int = Field(32, ge=1, le=1024, description="rows in the running batch")

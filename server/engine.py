@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .bank import BASE, BankState, BlockTables, RowPlan, StepPlan
+from .sparse_kernel import SparseDeltaKernel
 from .errors import (BadRequest, InvalidRequest, JumploraError, NotFound, NotReady, Overloaded,
                      PayloadTooLarge)
 from .metrics import Metrics
@@ -119,7 +120,7 @@ class Engine:
 
     def __init__(self, runner: ModelRunner, tokenizer, state: BankState, metrics: Metrics, *, max_batch: int,
                  max_queue: int, max_len: int, prefill_budget: int = 512, max_prompt_tokens: int | None = None,
-                 max_new_tokens: int | None = None):
+                 max_new_tokens: int | None = None, sparse_kernel: SparseDeltaKernel | None = None):
         self.runner, self.tokenizer, self.metrics = runner, tokenizer, metrics
         self.max_batch, self.max_queue, self.max_len = max_batch, max_queue, max_len
         self.prefill_budget = prefill_budget
@@ -143,6 +144,9 @@ class Engine:
         self.step_times: collections.deque[float] = collections.deque(maxlen=64)
         self._outbox = Outbox()
         self._tables = BlockTables(max_batch, runner.device)  # the one live RowPlan's block-diagonal deltas
+        # the compiled kernel does the decode rows' sparse deltas where it applies (fp32 on CPU)
+        usable = runner.device.type == "cpu" and runner.dtype == torch.float32
+        self._kernel = sparse_kernel if usable else None
 
     # -- called from the API (event loop thread) -------------------------------------------------------------
 
@@ -322,7 +326,7 @@ class Engine:
         rows = [seq.adapter for seq in self._decoding]
         key = RowPlan.key(rows)
         if key != self._plan_key:
-            self._plan = RowPlan(rows, self.runner.device, self._tables, previous=self._plan)
+            self._plan = RowPlan(rows, self.runner.device, self._tables, previous=self._plan, kernel=self._kernel)
             self._plan_key = key
         chunks = self._chunks()
         self._in_step = [seq for seq, _ in chunks]  # may leave both lists mid-step: failed too if the step fails

@@ -54,6 +54,19 @@ def tiny_base(tiny_model_dir, tmp_path_factory):
     return load_base(tiny_model_dir, tmp_path_factory.mktemp("cache"), device="cpu", dtype="float32")
 
 
+@pytest.fixture(scope="session")
+def sparse_kernel(tmp_path_factory):
+    """The compiled sparse-delta CPU kernel, built once per test session. The test machines have a C compiler
+    (gcc), so a failed build fails the tests that use it rather than passing them on the fallback."""
+    from server.sparse_kernel import build, load
+
+    folder = tmp_path_factory.mktemp("kernels")
+    build(folder)  # raises with the compiler's message
+    kernel = load(folder)
+    assert kernel is not None
+    return kernel
+
+
 @pytest.fixture
 def start_server(tmp_path):
     """Factory: start_server(model_dir, store=None, **kw) -> a ServerProcess; all stopped at teardown."""

@@ -56,3 +56,18 @@ def test_a_store_write_failure_maps_to_507_in_the_one_error_place():
     r = TestClient(app).delete("/x")
     assert r.status_code == 507
     assert r.json()["error"]["type"] == "storage_error" and "read-only" in r.json()["error"]["message"]
+
+
+def test_the_sparse_kernel_is_built_at_start_or_left_out_with_the_reason(tiny_model_dir, start_server, tmp_path):
+    """On CPU the server compiles the sparse-delta kernel into its cache folder; turned off, or without a compiler,
+    it serves through torch's sparse products and says so in its log."""
+    built = start_server(tiny_model_dir)
+    assert "sparse-delta CPU kernel: " in built.log()
+    assert len(list((tmp_path / "cache" / "kernels").glob("sparse_delta-*.so"))) == 1
+    off = start_server(tiny_model_dir, store=tmp_path / "store-off", extra_args=["--sparse-kernel", "false"])
+    no_cc = start_server(tiny_model_dir, store=tmp_path / "store-no-cc", env={"CC": "no-such-compiler"})
+    for server in (off, no_cc):
+        r = httpx.post(server.url + "/v1/generate", json={"task": "@base", "prompt": "hi", "max_new_tokens": 3})
+        assert r.status_code == 200, r.text
+        assert "sparse-delta CPU kernel: " not in server.log()
+    assert "sparse-delta CPU kernel unavailable (no C compiler: 'no-such-compiler' not found)" in no_cc.log()

@@ -22,10 +22,11 @@ def bank(tiny_base):
     return make_bank(tiny_base.model)
 
 
-def make_engine(base, state, *, start=True, max_batch=8, max_queue=64, max_len=128, prefill_budget=256):
+def make_engine(base, state, *, start=True, max_batch=8, max_queue=64, max_len=128, prefill_budget=256,
+                kernel=None):
     runner = ModelRunner(base.model, max_rows=max_batch, max_len=max_len)
     engine = Engine(runner, base.tokenizer, state, Metrics(), max_batch=max_batch, max_queue=max_queue,
-                    max_len=max_len, prefill_budget=prefill_budget)
+                    max_len=max_len, prefill_budget=prefill_budget, sparse_kernel=kernel)
     if start:
         engine.start()
     return engine
@@ -74,11 +75,14 @@ MIX = [("sparse-a", "the cat sat", 9), ("dense-b", "on a mat", 4), (BASE, "hello
        (STACK, "zz top", 7), ("lowrank-c", "abc def ghi", 10), ("sparse-a", "q", 3), (STACK, "more text", 11)]
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["torch", "kernel"])  # the decode rows' sparse deltas
 @pytest.mark.parametrize("prefill_budget", [256, 3])  # 3: prompts are chunked over several steps
-def test_continuous_batching_matches_alone_and_merged_reference(tiny_base, bank, prefill_budget):
+def test_continuous_batching_matches_alone_and_merged_reference(tiny_base, bank, prefill_budget, compiled, request):
     state, refs = bank
     # Fewer rows than requests: some wait, then join the running batch.
-    engine = make_engine(tiny_base, state, max_batch=4, prefill_budget=prefill_budget)
+    kernel = request.getfixturevalue("sparse_kernel") if compiled else None
+    engine = make_engine(tiny_base, state, max_batch=4, prefill_budget=prefill_budget, kernel=kernel)
+    assert engine._kernel is kernel
     try:
         reqs = [(task, prompt, SamplingParams(max_new_tokens=n)) for task, prompt, n in MIX]
         together = run(engine, reqs, delays=[0, 0, 0.05, 0.1, 0.1, 0.2, 0.3])
@@ -101,12 +105,14 @@ CHURN = [("sparse-a", "one two three four five six seven", 2), (STACK, "a b", 3)
          ("sparse-a", "zz", 4), ("lowrank-c", "many words in this prompt to chunk", 2), (STACK, "end", 1)]
 
 
-def test_rows_turning_over_while_prompts_are_chunked_keep_every_cache_intact(tiny_base, bank):
+@pytest.mark.parametrize("compiled", [False, True], ids=["torch", "kernel"])
+def test_rows_turning_over_while_prompts_are_chunked_keep_every_cache_intact(tiny_base, bank, compiled, request):
     """All at once into 3 rows with a prefill budget of 5 tokens: prompts span steps, several end in the same
     step, and a finished prompt's decode row is often held by another prompt still being prefilled (which
     must move out of the way with the chunk it just wrote)."""
     state, refs = bank
-    engine = make_engine(tiny_base, state, max_batch=3, prefill_budget=5)
+    kernel = request.getfixturevalue("sparse_kernel") if compiled else None
+    engine = make_engine(tiny_base, state, max_batch=3, prefill_budget=5, kernel=kernel)
     try:
         together = run(engine, [(t, p, SamplingParams(max_new_tokens=n)) for t, p, n in CHURN])
         for (task, prompt, n), (tokens, _, _) in zip(CHURN, together):

@@ -39,15 +39,16 @@ def test_stack_products_copy_only_the_groups_that_tasks_adapt(tiny_base, bank):
     assert torch.allclose(merged(x)[:, :qkv[1].widths[0]], x @ state.stack_weights[q_path].T, atol=1e-5)
 
 
-def _greedy(runner, plan_rows, prompts_ids, steps):
-    """Prefill each prompt into its own row, then decode all rows together for ``steps`` greedy steps.
-    Returns per row: the generated tokens and the logits that chose each (first from the prefill)."""
+def _greedy(runner, plan_rows, prompts_ids, steps, kernel=None):
+    """Prefill each prompt into its own row, then decode all rows together for ``steps`` greedy steps (the
+    decode rows' sparse deltas through ``kernel`` when given). Returns per row: the generated tokens and the
+    logits that chose each (first from the prefill)."""
     tokens, logits = [], []
     for row, (adapter, ids) in enumerate(zip(plan_rows, prompts_ids)):
         lg = runner.prefill(row, ids, StepPlan(None, [(0, len(ids), adapter)]))
         tokens.append([int(lg.argmax())])
         logits.append([lg])
-    plan = StepPlan(RowPlan(plan_rows, runner.device), [])
+    plan = StepPlan(RowPlan(plan_rows, runner.device, kernel=kernel), [])
     positions = torch.tensor([len(ids) for ids in prompts_ids])
     for _ in range(steps):
         lg = runner.decode(torch.tensor([t[-1] for t in tokens]), positions, plan)
@@ -63,13 +64,15 @@ def _greedy(runner, plan_rows, prompts_ids, steps):
     ["sparse-a", "sparse-a", BASE],
     [STACK, STACK, STACK],
 ])
-def test_mixed_batch_rows_equal_alone_and_merged_reference(tiny_base, bank, mix):
+@pytest.mark.parametrize("compiled", [False, True], ids=["torch", "kernel"])
+def test_mixed_batch_rows_equal_alone_and_merged_reference(tiny_base, bank, mix, compiled, request):
     state, refs = bank
     runner = ModelRunner(tiny_base.model, max_rows=8, max_len=64)
     tok = tiny_base.tokenizer
     ids = [tok(p)["input_ids"] for p in PROMPTS[:len(mix)]]
     rows = [(state, state.slot_of(name)) for name in mix]
-    mixed_tokens, mixed_logits = _greedy(runner, rows, ids, STEPS)
+    kernel = request.getfixturevalue("sparse_kernel") if compiled else None
+    mixed_tokens, mixed_logits = _greedy(runner, rows, ids, STEPS, kernel)
     for i, name in enumerate(mix):
         alone_tokens, alone_logits = _greedy(runner, [rows[i]], [ids[i]], STEPS)
         assert mixed_tokens[i] == alone_tokens[0], (name, i)
@@ -124,8 +127,9 @@ def _reference(refs, names, paths, widths, x):
     ["sparse-a", STACK, "sparse-a", STACK, "lowrank-c", "dense-b"],  # mixed kinds
     ["sparse-a", "sparse-a"],  # every row adapted
 ])
-def test_both_plan_layouts_equal_the_per_row_reference(tiny_base, bank, mix):
-    """RowPlan.add by row and by adapter against the slow reference: each row's dense delta times its input."""
+def test_both_plan_layouts_equal_the_per_row_reference(tiny_base, bank, mix, sparse_kernel):
+    """RowPlan.add by row, by adapter and through the compiled kernel against the slow reference: each row's
+    dense delta times its input."""
     state, refs = bank
     runner = ModelRunner(tiny_base.model, max_rows=8, max_len=64)
     rows = [(state, state.slot_of(name)) for name in mix]
@@ -147,6 +151,9 @@ def test_both_plan_layouts_equal_the_per_row_reference(tiny_base, bank, mix):
                 assert torch.allclose(y, expected, atol=1e-5), (paths, by_adapter, float((y - expected).abs().max()))
                 layouts.append(by_adapter)
             assert layouts == [False, True]  # each mix shares adapters enough for both layouts
+            y = y0.clone()
+            RowPlan(rows, runner.device, kernel=sparse_kernel).add(paths, lin.widths, x, y)
+            assert torch.allclose(y, expected, atol=1e-5), (paths, "kernel", float((y - expected).abs().max()))
 
 
 def test_a_batch_change_that_keeps_the_adapters_keeps_the_block_products(tiny_base, bank):
@@ -173,6 +180,28 @@ def test_a_batch_change_that_keeps_the_adapters_keeps_the_block_products(tiny_ba
         assert torch.allclose(y, expected, atol=1e-5), names
     assert second._prepared is first._prepared  # reused: same adapters
     assert third._prepared is not second._prepared  # rebuilt: another set of adapters
+
+
+def test_a_batch_change_that_keeps_the_adapters_keeps_the_kernel_tables(tiny_base, bank, sparse_kernel):
+    """The same with the compiled kernel: its per-group CSR tables depend on the adapters alone, its row lists
+    on the batch."""
+    state, refs = bank
+    runner = ModelRunner(tiny_base.model, max_rows=8, max_len=64)
+    paths, lin = runner.groups[0][("q_proj", "k_proj", "v_proj")]
+    d_in = lin.parts[0][0].shape[1]
+    a, s, base = (state, state.slot_of("sparse-a")), (state, state.slot_of(STACK)), (state, -1)
+    first = RowPlan([a, base, a], runner.device, kernel=sparse_kernel)
+    second = RowPlan([base, a, a, a, a, a], runner.device, kernel=sparse_kernel, previous=first)
+    third = RowPlan([a, s, base, a], runner.device, kernel=sparse_kernel, previous=second)  # @stack is dense here
+    g = torch.Generator().manual_seed(11)
+    for plan, names in ((first, ["sparse-a", BASE, "sparse-a"]),
+                        (second, [BASE] + ["sparse-a"] * 5),
+                        (third, ["sparse-a", STACK, BASE, "sparse-a"])):
+        x = torch.randn(len(names), d_in, generator=g)
+        y = torch.zeros(len(names), sum(lin.widths))
+        plan.add(paths, lin.widths, x, y)
+        assert torch.allclose(y, _reference(refs, names, paths, lin.widths, x), atol=1e-5), names
+    assert second._prepared is first._prepared and third._prepared is not second._prepared
 
 
 def test_block_table_grows_for_a_denser_block_and_shrinks_when_it_leaves():

@@ -1,0 +1,85 @@
+"""The compiled sparse-delta kernel: every row gets its own adapter's delta, whatever the number of rows per adapter
+(the kernel takes them 4 at a time), the row order, the strides of x and y, and empty deltas; the build is cached,
+and a missing or failing compiler leaves the engine on torch's products with a logged reason."""
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+from server import sparse_kernel
+from server.bank import slot_delta
+
+
+def _delta(d_out, d_in, density, g):
+    dense = torch.randn(d_out, d_in, generator=g) * (torch.rand(d_out, d_in, generator=g) < density)
+    return slot_delta(dense, dense_above=1.0), dense
+
+
+@pytest.mark.parametrize("counts", [[1], [2, 1, 3], [4, 5, 0, 9], [8, 7, 1, 2, 3]])
+def test_each_row_gets_its_own_adapters_delta(sparse_kernel, counts):
+    g = torch.Generator().manual_seed(len(counts) * 100 + sum(counts))
+    d_out, d_in = 24, 40
+    made = [_delta(d_out, d_in, 0.2, g) for _ in counts]
+    n = sum(counts) + 2  # two rows without an adapter
+    order = torch.randperm(n, generator=g)[:sum(counts)].tolist()  # rows of each adapter, scattered in the batch
+    starts, rows = [0], []
+    for t, c in enumerate(counts):
+        rows += order[starts[-1]:starts[-1] + c]
+        starts.append(starts[-1] + c)
+    # x and y are views with row strides wider than d_in and d_out, as in a fused projection's output
+    x = torch.randn(n, d_in + 8, generator=g)[:, :d_in]
+    y_full = torch.randn(n, d_out + 5, generator=g)
+    y = y_full[:, 2:2 + d_out]
+    expected = y_full.clone()
+    for t in range(len(counts)):
+        for r in rows[starts[t]:starts[t + 1]]:
+            expected[r, 2:2 + d_out] += made[t][1] @ x[r]
+    group = sparse_kernel.prepare([d for d, _ in made])
+    scratch = torch.empty(len(rows) * d_in)
+    sparse_kernel.add(group, torch.tensor(starts, dtype=torch.int32), torch.tensor(rows, dtype=torch.int32), x, y,
+                      scratch)
+    assert torch.allclose(y_full, expected, atol=1e-5), float((y_full - expected).abs().max())
+
+
+def test_empty_deltas_and_wrong_inputs_are_refused_or_harmless(sparse_kernel):
+    g = torch.Generator().manual_seed(3)
+    empty, _ = _delta(6, 5, 0.0, g)
+    assert empty.nnz == 0
+    group = sparse_kernel.prepare([empty])
+    y = torch.randn(2, 6)
+    before = y.clone()
+    sparse_kernel.add(group, torch.tensor([0, 2], dtype=torch.int32), torch.tensor([1, 0], dtype=torch.int32),
+                      torch.randn(2, 5), y, torch.empty(10))
+    assert torch.equal(y, before)
+    with pytest.raises(ValueError, match="fp32"):
+        sparse_kernel.add(group, torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0], dtype=torch.int32),
+                          torch.randn(1, 5, dtype=torch.float64), y, torch.empty(10))
+    with pytest.raises(ValueError, match="too small"):
+        sparse_kernel.add(group, torch.tensor([0, 2], dtype=torch.int32), torch.tensor([1, 0], dtype=torch.int32),
+                          torch.randn(2, 5), y, torch.empty(9))
+    with pytest.raises(ValueError, match="shapes"):
+        sparse_kernel.prepare([empty, _delta(7, 5, 0.5, g)[0]])
+
+
+def test_the_build_is_cached_per_source_and_machine(tmp_path):
+    first = sparse_kernel.build(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert sparse_kernel.build(tmp_path) == first and first.stat().st_mtime_ns == stamp  # not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left
+
+
+def test_no_compiler_or_a_failing_one_falls_back_with_the_reason(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="server.sparse_kernel"):
+        assert sparse_kernel.load(tmp_path, compiler="no-such-cc-here") is None
+    assert "no C compiler" in caplog.text and "no-such-cc-here" in caplog.text
+    failing = tmp_path / "failing-cc"
+    failing.write_text("#!/bin/sh\necho 'cc: fatal error: out of luck' >&2\nexit 1\n")
+    os.chmod(failing, 0o755)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="server.sparse_kernel"):
+        assert sparse_kernel.load(tmp_path / "k", compiler=str(failing)) is None
+    assert "out of luck" in caplog.text
+    assert not list((tmp_path / "k").iterdir())  # nothing half-written is left for a later start
