@@ -209,8 +209,12 @@ def main(argv: list[str] | None = None) -> int:
                                      args.seed, template)
                 for repeat in range(args.repeat):
                     for case in server_cases:
+                        before = step_stats(server.url)
                         r = asyncio.run(drive(server.url, case_tasks[case], reqs, streams, ignore_eos))
-                        r.update(case=case, concurrency=streams, repeat=repeat)
+                        after = step_stats(server.url)
+                        steps = after[1] - before[1]  # the server's decode steps in this run, and their mean time
+                        r.update(case=case, concurrency=streams, repeat=repeat, steps=int(steps),
+                                 step_ms=round((after[0] - before[0]) / steps * 1000, 3) if steps else None)
                         results["runs"].append(r)
                         print(json.dumps(r), flush=True)
         finally:
@@ -230,6 +234,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def step_stats(url: str) -> tuple[float, float]:
+    """The server's decode-step histogram so far, from /metrics: (sum of seconds, count)."""
+    import httpx
+
+    values = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("jumplora_decode_step_seconds_sum", "jumplora_decode_step_seconds_count"):
+            values[name] = float(value)
+    return values["jumplora_decode_step_seconds_sum"], values["jumplora_decode_step_seconds_count"]
+
+
 def summary(results: dict) -> list[dict]:
     """Per (case, concurrency): the median tokens/s, p50 and p99 over its repeats, and the tokens/s range."""
     groups: dict[tuple[str, int], list[dict]] = {}
@@ -242,6 +258,7 @@ def summary(results: dict) -> list[dict]:
                      "tok_s_min": min(r["tok_s"] for r in runs), "tok_s_max": max(r["tok_s"] for r in runs),
                      "p50_s": statistics.median(r["p50_s"] for r in runs),
                      "p99_s": statistics.median(r["p99_s"] for r in runs),
+                     "step_ms": statistics.median(r["step_ms"] for r in runs) if runs[0].get("step_ms") else None,
                      "requests": runs[0]["requests"], "failures": sum(r["failures"] for r in runs)})
     order = {"base": 0, "tasks": 1, "stack": 2, "hf": 3}
     return sorted(rows, key=lambda r: (order[r["case"]], r["concurrency"]))
@@ -249,20 +266,21 @@ def summary(results: dict) -> list[dict]:
 
 def table(results: dict) -> str:
     names = {"base": "(a) @base", "tasks": "(b) 8 tasks", "stack": "(c) @stack", "hf": "HF generate (static)"}
-    lines = ["| case | streams | tokens/s (median) | range | p50 latency (s) | p99 latency (s) | requests | "
-             "repeats | failures |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| case | streams | tokens/s (median) | range | p50 latency (s) | p99 latency (s) | decode step (ms) "
+             "| requests | repeats | failures |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     rows = summary(results)
     for r in rows:
+        step = f"{r['step_ms']:.1f}" if r.get("step_ms") else "–"
         lines.append(f"| {names[r['case']]} | {r['concurrency']} | {r['tok_s']:.1f} | {r['tok_s_min']:.0f}-"
-                     f"{r['tok_s_max']:.0f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | {r['requests']} | "
+                     f"{r['tok_s_max']:.0f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | {step} | {r['requests']} | "
                      f"{r['repeats']} | {r['failures']} |")
     by = {(r["case"], r["concurrency"]): r["tok_s"] for r in rows}
     ratios = []
     for (case, c), v in by.items():
         if case == "tasks" and ("base", c) in by:
-            ratios.append(f"(b)/(a) at {c}: {v / by[('base', c)]:.2f}")
+            ratios.append(f"(b)/(a) at {c}: {v / by[('base', c)]:.3f}")
         if case == "tasks" and ("hf", c) in by:
-            ratios.append(f"(b)/HF at {c}: {v / by[('hf', c)]:.2f}")
+            ratios.append(f"(b)/HF at {c}: {v / by[('hf', c)]:.3f}")
     return "\n".join(lines + ([""] + ratios if ratios else []))
 
 

@@ -104,16 +104,17 @@ def _omp_runtimes() -> set[str]:
     return {line.split()[-1] for line in maps.splitlines() if re.search(r"lib(gomp|iomp5|omp)[^/]*\.so", line)}
 
 
-def build(cache_dir: Path, compiler: str | None = None) -> Path:
+def build(cache_dir: Path, compiler: str | None = None, extra_flags: tuple[str, ...] = ()) -> Path:
     """Compile the kernel into ``cache_dir`` (once: the file name carries a hash of the source, the flags, the
-    compiler and the CPU) and return the shared library's path. Raises ``RuntimeError`` with the compiler's
-    message."""
+    compiler and the CPU) and return the shared library's path. ``extra_flags`` go after ``FLAGS`` (the tests
+    build the portable variant with ``-mno-avx512f``). Raises ``RuntimeError`` with the compiler's message."""
     cc = compiler or os.environ.get("CC") or "cc"
     exe = shutil.which(cc)
     if exe is None:
         raise RuntimeError(f"no C compiler: {cc!r} not found")
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), exe.encode(),
+    flags = (*FLAGS, *extra_flags)
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), exe.encode(),
                                      _cpu_identity().encode()])).hexdigest()[:16]
     target = Path(cache_dir) / f"sparse_delta-{key}.so"
     if target.exists():
@@ -122,7 +123,7 @@ def build(cache_dir: Path, compiler: str | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([exe, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([exe, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same file
@@ -132,12 +133,12 @@ def build(cache_dir: Path, compiler: str | None = None) -> Path:
     return target
 
 
-def load(cache_dir: Path, compiler: str | None = None) -> SparseDeltaKernel | None:
+def load(cache_dir: Path, compiler: str | None = None, extra_flags: tuple[str, ...] = ()) -> SparseDeltaKernel | None:
     """Build (or find) and load the kernel; None, with a logged warning saying why, if that is not possible.
     Call it after torch is imported, so that the kernel binds to the OpenMP runtime torch loaded."""
     try:
         before = _omp_runtimes()
-        path = build(cache_dir, compiler)
+        path = build(cache_dir, compiler, extra_flags)
         lib = ctypes.CDLL(str(path))
         after = _omp_runtimes()
         if before and after != before:

@@ -11,13 +11,15 @@ from benchmarks import serving
 
 def test_summary_takes_the_median_of_the_repeats_and_the_table_gives_the_ratios():
     runs = [{"case": case, "concurrency": 8, "repeat": i, "tok_s": v, "p50_s": 1.0 + i, "p99_s": 2.0 + i,
-             "requests": 32, "failures": 0}
+             "requests": 32, "failures": 0, "step_ms": 10.0 * (i + 1)}
             for case, values in (("base", [100.0, 90.0, 120.0]), ("tasks", [95.0, 60.0, 99.0]))
             for i, v in enumerate(values)]
     rows = {r["case"]: r for r in serving.summary({"runs": runs})}
     assert rows["base"]["tok_s"] == 100.0 and rows["base"]["tok_s_min"] == 90.0 and rows["base"]["tok_s_max"] == 120.0
     assert rows["tasks"]["tok_s"] == 95.0 and rows["tasks"]["repeats"] == 3 and rows["tasks"]["p50_s"] == 2.0
-    assert "(b)/(a) at 8: 0.95" in serving.table({"runs": runs})
+    assert rows["tasks"]["step_ms"] == 20.0
+    table = serving.table({"runs": runs})
+    assert "(b)/(a) at 8: 0.950" in table and "| 20.0 |" in table
 
 
 def test_benchmark_runs_every_case_on_the_tiny_model(tiny_model_dir, tmp_path):
@@ -33,6 +35,9 @@ def test_benchmark_runs_every_case_on_the_tiny_model(tiny_model_dir, tmp_path):
     requested = sum(n for _, n in serving.make_requests(8, 2, 5, 0))
     for r in runs:
         assert r["failures"] == 0 and r["requests"] == 8
+        if r["case"] != "hf":  # the server's own decode steps in this run, from its /metrics
+            longest = max(n for _, n in serving.make_requests(8, 2, 5, 0))
+            assert r["steps"] >= longest - 1 and r["step_ms"] > 0, r  # the first token comes from the prefill
         assert r["tokens"] == requested, r  # every request generated exactly what it asked for
         assert r["tok_s"] > 0
     assert len(results["summary"]) == 8

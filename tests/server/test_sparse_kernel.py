@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 
 import pytest
 import torch
 
-from server import sparse_kernel
+from server import sparse_kernel as sk
 from server.bank import slot_delta
 
 
@@ -18,8 +19,20 @@ def _delta(d_out, d_in, density, g):
     return slot_delta(dense, dense_above=1.0), dense
 
 
-@pytest.mark.parametrize("counts", [[1], [2, 1, 3], [4, 5, 0, 9], [8, 7, 1, 2, 3]])
-def test_each_row_gets_its_own_adapters_delta(sparse_kernel, counts):
+@pytest.fixture(scope="module", params=["native", "portable"])
+def any_kernel(request, sparse_kernel, tmp_path_factory):
+    """The kernel as the server builds it (-march=native: AVX-512 paths on CPUs that have it), and on x86 also
+    built without AVX-512, so that the portable paths are tested on an AVX-512 machine too."""
+    if request.param == "native":
+        return sparse_kernel
+    flags = ("-mno-avx512f",) if platform.machine() in ("x86_64", "AMD64") else ()
+    kernel = sk.load(tmp_path_factory.mktemp("portable"), extra_flags=flags)
+    assert kernel is not None
+    return kernel
+
+
+@pytest.mark.parametrize("counts", [[1], [2, 1, 3], [4, 5, 0, 9], [8, 7, 1, 2, 3], [2] * 8, [1] * 8])
+def test_each_row_gets_its_own_adapters_delta(any_kernel, counts):
     g = torch.Generator().manual_seed(len(counts) * 100 + sum(counts))
     d_out, d_in = 24, 40
     made = [_delta(d_out, d_in, 0.2, g) for _ in counts]
@@ -37,9 +50,9 @@ def test_each_row_gets_its_own_adapters_delta(sparse_kernel, counts):
     for t in range(len(counts)):
         for r in rows[starts[t]:starts[t + 1]]:
             expected[r, 2:2 + d_out] += made[t][1] @ x[r]
-    group = sparse_kernel.prepare([d for d, _ in made])
+    group = any_kernel.prepare([d for d, _ in made])
     scratch = torch.empty(len(rows) * d_in)
-    sparse_kernel.add(group, torch.tensor(starts, dtype=torch.int32), torch.tensor(rows, dtype=torch.int32), x, y,
+    any_kernel.add(group, torch.tensor(starts, dtype=torch.int32), torch.tensor(rows, dtype=torch.int32), x, y,
                       scratch)
     assert torch.allclose(y_full, expected, atol=1e-5), float((y_full - expected).abs().max())
 
@@ -65,21 +78,21 @@ def test_empty_deltas_and_wrong_inputs_are_refused_or_harmless(sparse_kernel):
 
 
 def test_the_build_is_cached_per_source_and_machine(tmp_path):
-    first = sparse_kernel.build(tmp_path)
+    first = sk.build(tmp_path)
     stamp = first.stat().st_mtime_ns
-    assert sparse_kernel.build(tmp_path) == first and first.stat().st_mtime_ns == stamp  # not rebuilt
+    assert sk.build(tmp_path) == first and first.stat().st_mtime_ns == stamp  # not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left
 
 
 def test_no_compiler_or_a_failing_one_falls_back_with_the_reason(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="server.sparse_kernel"):
-        assert sparse_kernel.load(tmp_path, compiler="no-such-cc-here") is None
+        assert sk.load(tmp_path, compiler="no-such-cc-here") is None
     assert "no C compiler" in caplog.text and "no-such-cc-here" in caplog.text
     failing = tmp_path / "failing-cc"
     failing.write_text("#!/bin/sh\necho 'cc: fatal error: out of luck' >&2\nexit 1\n")
     os.chmod(failing, 0o755)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="server.sparse_kernel"):
-        assert sparse_kernel.load(tmp_path / "k", compiler=str(failing)) is None
+        assert sk.load(tmp_path / "k", compiler=str(failing)) is None
     assert "out of luck" in caplog.text
     assert not list((tmp_path / "k").iterdir())  # nothing half-written is left for a later start
