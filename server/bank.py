@@ -3,14 +3,16 @@ per-batch plan that adds each row's own delta to a targeted projection in one ve
 
 Representation, chosen by measurement on the 2-core CPU this was built on (SmolLM2-135M, q_proj+v_proj of one
 block fused to 768x576, fp32; the base products then went through MKL, before ``server/kernels.py``):
-  * sparse (CSR, int32 indices) for slots of density below ``DENSE_ABOVE``. A decode step multiplies the
-    batch's inputs by one block-diagonal CSR matrix per projection group (``RowPlan``: a block per row, or per
-    adapter when rows share adapters). At 3.5 % density (rank-8 JumpLoRA) and 16 rows, one block per row, it
-    took 73 µs against 128 µs for the dense base product of the same layers, and 17 µs against 27 µs for one
-    row; per-slot dense deltas grouped by row cost one extra weight read per distinct task (8 tasks: about 2x
-    the base time). With the base products packed for oneDNN (about 3x faster), the delta products of 8
-    adapters are about a tenth of a decode step (README, Benchmarks): reading the deltas from memory is most
-    of their cost.
+  * sparse (CSR, int32 indices) for slots of density below ``DENSE_ABOVE``. On CPU in fp32 the decode rows'
+    sparse deltas go through the compiled kernel of ``server/sparse_kernel.py``: one call per projection group
+    reads each distinct adapter's CSR once per 4 of its rows and adds straight into the rows' outputs (README,
+    Benchmarks, for its cost). Without it (no compiler, CUDA, other dtypes) a decode step multiplies the
+    batch's inputs by one block-diagonal CSR matrix per projection group through torch (``RowPlan``: a block
+    per row, or per adapter when rows share adapters). At 3.5 % density (rank-8 JumpLoRA) and 16 rows, one
+    block per row, that took 73 µs against 128 µs for the dense base product of the same layers (MKL), and 17
+    µs against 27 µs for one row; per-slot dense deltas grouped by row cost one extra weight read per distinct
+    task (8 tasks: about 2x the base time). Prompt segments (one adapter, many positions) always take torch's
+    CSR product.
   * dense (d_out, d_in) for slots denser than ``DENSE_ABOVE`` (one oneDNN product per distinct delta, its
     rows gathered). With 8 tasks on q_proj and v_proj at density d, one decode step of 16 rows took, sparse /
     dense (ms; ``python -m benchmarks.deltas``; the base model alone 28-30): d = 0.035: 30.9 / 54.4; 0.2: 35.8 /

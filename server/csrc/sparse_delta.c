@@ -5,9 +5,11 @@
  *
  * Why a kernel of its own: through torch, the same product is an index_put of the rows' inputs into a
  * (T·d_in, K) matrix, MKL's CSR SpMM over a block-diagonal table, a gather of the outputs and an index_add:
- * about 100 µs per projection group at 16 rows over 8 adapters, where this kernel takes about 60.
- * The inner loops keep four partial sums per row: one chain of dependent multiply-adds per row was bound by
- * the FMA latency, not by memory (the deltas of one group are about 1 MB and stream at well over 50 GB/s).
+ * about 100 µs per projection group (q/k/v of SmolLM2) at 16 rows over 8 adapters in a decode step. This
+ * kernel takes about 55 µs there, and about 32 µs when the deltas are in cache; the difference is reading
+ * them from memory (about 1 MB per group), which neither prefetching ahead nor 16-bit column indices
+ * shortened, measured. The inner loops keep four partial sums per row: with one chain of dependent
+ * multiply-adds per row, the loop was bound by the FMA latency.
  */
 #include <omp.h>
 #include <stdint.h>
@@ -75,12 +77,13 @@ SPAN(1)
     }                                                                                                 \
   }
 VSPAN(4, v4f)
-#ifndef __AVX512F__
 VSPAN(2, v2f)
-#else
-/* With AVX-512 (the CPUs this was measured on), one and two rows go 16 and 8 non-zeros at a time: a masked load of
- * the column indices and values, one gather of the inputs (of pairs of inputs for two rows), one multiply-add.
- * In a decode step of 8 rows over 8 adapters this took the deltas from about 2.4 to 1.9 ms. */
+#ifdef __AVX512F__
+/* One row with AVX-512: 16 non-zeros at a time, a masked load of their column indices and values, one gather
+ * of the inputs, one multiply-add. In a decode step of 8 rows over 8 adapters (data coming from memory) this
+ * took the deltas from 2.4 to 1.9 ms, although it is slower than the scalar loop when the deltas are in cache
+ * (40 against 32 µs per layer group). The same gather for two rows (pairs of inputs as 64-bit elements) was
+ * no faster in a decode step and nearly twice as slow in cache, so two rows keep the vector code above. */
 #include <immintrin.h>
 static void span1(const int32_t *restrict crow, const int32_t *restrict col, const float *restrict val,
                   int64_t o0, int64_t o1, const float *restrict p, float *const *yk) {
@@ -99,30 +102,6 @@ static void span1(const int32_t *restrict crow, const int32_t *restrict col, con
   }
 }
 
-static void span2(const int32_t *restrict crow, const int32_t *restrict col, const float *restrict val,
-                  int64_t o0, int64_t o1, const float *restrict p, float *const *yk) {
-  const __m512i twice = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-  for (int64_t o = o0; o < o1; o++) {
-    const int32_t b = crow[o], e = crow[o + 1];
-    if (b == e) continue;
-    __m512 acc = _mm512_setzero_ps(); /* lanes 2i and 2i+1: the two rows' partial sums */
-    for (int32_t j = b; j < e; j += 8) {
-      const int32_t left = e - j;
-      const __mmask8 m = left >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << left) - 1);
-      const __m256i c = _mm256_maskz_loadu_epi32(m, col + j);
-      const __m512 v = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(_mm256_maskz_loadu_ps(m, val + j)));
-      /* a column's two inputs are adjacent in p: gather them as one 64-bit element */
-      const __m512d pairs = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), m, c, (const double *)p, 8);
-      acc = _mm512_fmadd_ps(v, _mm512_castpd_ps(pairs), acc);
-    }
-    __m512 t = _mm512_add_ps(acc, _mm512_shuffle_f32x4(acc, acc, _MM_SHUFFLE(1, 0, 3, 2)));
-    t = _mm512_add_ps(t, _mm512_shuffle_f32x4(t, t, _MM_SHUFFLE(2, 3, 0, 1)));
-    t = _mm512_add_ps(t, _mm512_permute_ps(t, 0x4E)); /* lanes 0 and 1: the two sums */
-    const __m128 lo = _mm512_castps512_ps128(t);
-    yk[0][o] += _mm_cvtss_f32(lo);
-    yk[1][o] += _mm_cvtss_f32(_mm_shuffle_ps(lo, lo, 1));
-  }
-}
 #endif
 
 /* n_adapters CSR deltas of shape (d_out, d_in); the rows of adapter t are rows[row_start[t]:row_start[t+1]].
