@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import random
 import statistics
 import sys
@@ -271,8 +272,8 @@ def table(results: dict) -> str:
     rows = summary(results)
     for r in rows:
         step = f"{r['step_ms']:.1f}" if r.get("step_ms") else "–"
-        lines.append(f"| {names[r['case']]} | {r['concurrency']} | {r['tok_s']:.1f} | {r['tok_s_min']:.0f}-"
-                     f"{r['tok_s_max']:.0f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | {step} | {r['requests']} | "
+        lines.append(f"| {names[r['case']]} | {r['concurrency']} | {r['tok_s']:.1f} | {math.floor(r['tok_s_min'])}-"
+                     f"{math.ceil(r['tok_s_max'])} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | {step} | {r['requests']} | "
                      f"{r['repeats']} | {r['failures']} |")
     by = {(r["case"], r["concurrency"]): r["tok_s"] for r in rows}
     ratios = []

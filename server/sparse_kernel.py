@@ -4,8 +4,9 @@ the load fails) the engine uses torch's sparse products instead, with the same r
 the log.
 
 Measured on the 2-core AMD EPYC this was built on, one projection group (q/k/v of SmolLM2, 8 adapters at 3.5 %
-density) at 16 decode rows: about 100 µs through torch (gather the rows' inputs, MKL's CSR SpMM of a
-block-diagonal table, scatter the outputs back), about 60 µs here. README, Benchmarks, has the whole step."""
+density) at 16 decode rows in a decode step: about 100 µs through torch (gather the rows' inputs, MKL's CSR SpMM
+of a block-diagonal table, scatter the outputs back), about 55 µs here (``csrc/sparse_delta.c`` says why).
+README, Benchmarks, has the whole step."""
 from __future__ import annotations
 
 import ctypes
@@ -76,6 +77,8 @@ class SparseDeltaKernel:
         x: (n, ≥ d_in) fp32, rows contiguous; y: (n, ≥ d_out) fp32, rows contiguous; scratch: ≥ n_a·d_in fp32."""
         if x.dtype != torch.float32 or y.dtype != torch.float32 or x.stride(1) != 1 or y.stride(1) != 1:
             raise ValueError("x and y must be fp32 with contiguous rows")
+        if row_start.dtype != torch.int32 or rows.dtype != torch.int32:
+            raise ValueError("row_start and rows must be int32")
         if scratch.numel() < rows.numel() * group.d_in or x.shape[1] < group.d_in or y.shape[1] < group.d_out:
             raise ValueError("scratch, x or y too small for the group")
         self._fn(len(group.deltas), ctypes.addressof(group.table), row_start.data_ptr(), rows.data_ptr(),

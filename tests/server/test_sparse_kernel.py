@@ -73,6 +73,9 @@ def test_empty_deltas_and_wrong_inputs_are_refused_or_harmless(sparse_kernel):
     with pytest.raises(ValueError, match="too small"):
         sparse_kernel.add(group, torch.tensor([0, 2], dtype=torch.int32), torch.tensor([1, 0], dtype=torch.int32),
                           torch.randn(2, 5), y, torch.empty(9))
+    with pytest.raises(ValueError, match="int32"):  # int64 row lists would be read as garbage row numbers
+        sparse_kernel.add(group, torch.tensor([0, 2]), torch.tensor([1, 0]), torch.randn(2, 5), y, torch.empty(10))
+    assert torch.equal(y, before)
     with pytest.raises(ValueError, match="shapes"):
         sparse_kernel.prepare([empty, _delta(7, 5, 0.5, g)[0]])
 
