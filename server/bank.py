@@ -372,7 +372,7 @@ class RowPlan:
                 starts.append(starts[-1] + len(m))
             self.k_start = torch.tensor(starts, dtype=torch.int32)  # (T + 1,) adapter t's rows in k_rows
             self.k_rows = torch.tensor([i for m in members for i in m], dtype=torch.int32)  # (n_a,) by adapter
-            self._scratch = torch.empty(0, dtype=torch.float32)  # (n_a · d_in,) the kernel's interleaved inputs
+            self._scratch = torch.empty(0, dtype=torch.float32)  # the kernel's interleaved inputs
         elif self.by_adapter:
             where = {key: t for t, (key, _) in enumerate(distinct)}
             seen = [0] * len(self.adapters)
@@ -448,7 +448,7 @@ class RowPlan:
             self._prepared[layers] = self._prepare(layers, widths)
         block, groups = self._prepared[layers]
         if block is not None and self.kernel is not None:
-            need = self.k_rows.numel() * block.d_in
+            need = self.kernel.scratch_size(block, self.k_rows.numel())
             if self._scratch.numel() < need:
                 self._scratch = torch.empty(need, dtype=torch.float32)
             self.kernel.add(block, self.k_start, self.k_rows, x if x.stride(1) == 1 else x.contiguous(), y,

@@ -70,16 +70,23 @@ class SparseDeltaKernel:
         d_out, d_in = shapes.pop()
         return Prepared(list(deltas), table, d_in, d_out)
 
+    @staticmethod
+    def scratch_size(group: Prepared, n_rows: int) -> int:
+        """Floats of scratch for ``n_rows`` rows: their inputs interleaved, with one spare row per adapter."""
+        return (n_rows + len(group.deltas)) * group.d_in
+
     def add(self, group: Prepared, row_start: torch.Tensor, rows: torch.Tensor, x: torch.Tensor,
             y: torch.Tensor, scratch: torch.Tensor) -> None:
         """y[rows[row_start[t]:row_start[t+1]]] += Δ_t · x[same rows], in place.
         row_start: (T + 1,) int32; rows: (n_a,) int32 row indices of x and y, grouped by adapter;
-        x: (n, ≥ d_in) fp32, rows contiguous; y: (n, ≥ d_out) fp32, rows contiguous; scratch: ≥ n_a·d_in fp32."""
+        x: (n, ≥ d_in) fp32, rows contiguous; y: (n, ≥ d_out) fp32, rows contiguous; scratch: ≥ (n_a + T)·d_in
+        fp32 (``scratch_size``)."""
         if x.dtype != torch.float32 or y.dtype != torch.float32 or x.stride(1) != 1 or y.stride(1) != 1:
             raise ValueError("x and y must be fp32 with contiguous rows")
         if row_start.dtype != torch.int32 or rows.dtype != torch.int32:
             raise ValueError("row_start and rows must be int32")
-        if scratch.numel() < rows.numel() * group.d_in or x.shape[1] < group.d_in or y.shape[1] < group.d_out:
+        if (scratch.numel() < self.scratch_size(group, rows.numel()) or x.shape[1] < group.d_in
+                or y.shape[1] < group.d_out):
             raise ValueError("scratch, x or y too small for the group")
         self._fn(len(group.deltas), ctypes.addressof(group.table), row_start.data_ptr(), rows.data_ptr(),
                  group.d_in, group.d_out, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),

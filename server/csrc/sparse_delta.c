@@ -20,46 +20,16 @@ typedef struct {
   const float *val;    /* (nnz,) */
 } csr_t;
 
-/* For output rows o in [o0, o1) of one adapter's CSR: y_k[o] += Σ_j val[j] · p[col[j]·NR + k] for the NR rows
- * interleaved in p, with four partial sums per row. */
-#define SPAN(NR)                                                                                      \
-  static void span##NR(const int32_t *restrict crow, const int32_t *restrict col,                    \
-                       const float *restrict val, int64_t o0, int64_t o1, const float *restrict p,   \
-                       float *const *yk) {                                                            \
-    for (int64_t o = o0; o < o1; o++) {                                                               \
-      const int32_t b = crow[o], e = crow[o + 1];                                                     \
-      if (b == e) continue;                                                                           \
-      float s0[NR] = {0}, s1[NR] = {0}, s2[NR] = {0}, s3[NR] = {0};                                   \
-      int32_t j = b;                                                                                  \
-      for (; j + 4 <= e; j += 4) {                                                                    \
-        const float *q0 = p + (int64_t)col[j] * NR, *q1 = p + (int64_t)col[j + 1] * NR;               \
-        const float *q2 = p + (int64_t)col[j + 2] * NR, *q3 = p + (int64_t)col[j + 3] * NR;           \
-        for (int k = 0; k < NR; k++) {                                                                \
-          s0[k] += val[j] * q0[k];                                                                    \
-          s1[k] += val[j + 1] * q1[k];                                                                \
-          s2[k] += val[j + 2] * q2[k];                                                                \
-          s3[k] += val[j + 3] * q3[k];                                                                \
-        }                                                                                             \
-      }                                                                                               \
-      for (; j < e; j++) {                                                                            \
-        const float *q = p + (int64_t)col[j] * NR;                                                    \
-        for (int k = 0; k < NR; k++) s0[k] += val[j] * q[k];                                          \
-      }                                                                                               \
-      for (int k = 0; k < NR; k++) yk[k][o] += (s0[k] + s1[k]) + (s2[k] + s3[k]);                     \
-    }                                                                                                 \
-  }
-SPAN(3)
-#ifndef __AVX512F__
-SPAN(1)
-#endif
-
-/* Two and four rows: the NR inputs of a column are one short vector (GCC/Clang vector extensions: SSE or NEON
- * on any target), so a non-zero costs one multiply-add instead of NR. */
-#define VSPAN(NR, VT)                                                                                 \
+/* For output rows o in [o0, o1) of one adapter's CSR: y_k[o] += Σ_j val[j] · p[col[j]·NR + k] for the nr ≤ NR
+ * rows interleaved in p (a chunk of 3 rows is padded to 4 with zeros). The NR inputs of a column are one short
+ * vector (GCC/Clang vector extensions: SSE or NEON on any target), so a non-zero costs one multiply-add for
+ * all of them, and each row keeps four partial sums: with one chain of dependent multiply-adds the loop was
+ * bound by the FMA latency. */
+#define SPAN(NR, VT)                                                                                  \
   typedef float VT __attribute__((vector_size(NR * sizeof(float)), aligned(sizeof(float))));        \
   static void span##NR(const int32_t *restrict crow, const int32_t *restrict col,                    \
                        const float *restrict val, int64_t o0, int64_t o1, const float *restrict p,   \
-                       float *const *yk) {                                                            \
+                       float *const *yk, int nr) {                                                    \
     for (int64_t o = o0; o < o1; o++) {                                                               \
       const int32_t b = crow[o], e = crow[o + 1];                                                     \
       if (b == e) continue;                                                                           \
@@ -73,20 +43,23 @@ SPAN(1)
       }                                                                                               \
       for (; j < e; j++) s0 += val[j] * *(const VT *)(p + (int64_t)col[j] * NR);                      \
       const VT sum = (s0 + s1) + (s2 + s3);                                                           \
-      for (int k = 0; k < NR; k++) yk[k][o] += sum[k];                                                \
+      for (int k = 0; k < nr; k++) yk[k][o] += sum[k];                                                \
     }                                                                                                 \
   }
-VSPAN(4, v4f)
-VSPAN(2, v2f)
-#ifdef __AVX512F__
+SPAN(2, v2f)
+SPAN(4, v4f)
+#ifndef __AVX512F__
+SPAN(1, v1f)
+#else
 /* One row with AVX-512: 16 non-zeros at a time, a masked load of their column indices and values, one gather
  * of the inputs, one multiply-add. In a decode step of 8 rows over 8 adapters (data coming from memory) this
- * took the deltas from 2.4 to 1.9 ms, although it is slower than the scalar loop when the deltas are in cache
- * (40 against 32 µs per layer group). The same gather for two rows (pairs of inputs as 64-bit elements) was
+ * took the deltas from 2.4 to 1.9 ms, although it is slower than the portable loop when the deltas are in
+ * cache (40 against 32 µs per layer group). The same gather for two rows (pairs of inputs as 64-bit elements) was
  * no faster in a decode step and nearly twice as slow in cache, so two rows keep the vector code above. */
 #include <immintrin.h>
 static void span1(const int32_t *restrict crow, const int32_t *restrict col, const float *restrict val,
-                  int64_t o0, int64_t o1, const float *restrict p, float *const *yk) {
+                  int64_t o0, int64_t o1, const float *restrict p, float *const *yk, int nr) {
+  (void)nr; /* always 1 */
   for (int64_t o = o0; o < o1; o++) {
     const int32_t b = crow[o], e = crow[o + 1];
     if (b == e) continue;
@@ -106,7 +79,7 @@ static void span1(const int32_t *restrict crow, const int32_t *restrict col, con
 
 /* n_adapters CSR deltas of shape (d_out, d_in); the rows of adapter t are rows[row_start[t]:row_start[t+1]].
  * x: (n, xs) fp32, a row's input in its first d_in entries; y: (n, ys) fp32, its output in the first d_out.
- * xp: scratch of row_start[n_adapters] · d_in floats. */
+ * xp: scratch of (row_start[n_adapters] + n_adapters) · d_in floats. */
 void jumplora_sparse_delta_add(int64_t n_adapters, const csr_t *adapters, const int32_t *row_start,
                                const int32_t *rows, int64_t d_in, int64_t d_out, const float *x, int64_t xs,
                                float *y, int64_t ys, float *xp, int32_t n_threads) {
@@ -115,17 +88,20 @@ void jumplora_sparse_delta_add(int64_t n_adapters, const csr_t *adapters, const 
   const int64_t total = n_adapters * d_out;
 #pragma omp parallel num_threads(n_threads)
   {
-    /* First each chunk of up to 4 rows of one adapter gets its inputs interleaved, (d_in, nr), so that one
-     * column index fetches all of them. */
+    /* First each chunk of up to 4 rows of one adapter gets its inputs interleaved, (d_in, width), so that one
+     * column index fetches all of them; chunk r0 of adapter t starts at xp + (r0 + t)·d_in (a chunk of 3 takes
+     * the room of 4: one spare row per adapter). */
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < n_adapters; t++)
       for (int32_t r0 = row_start[t]; r0 < row_start[t + 1]; r0 += 4) {
-        const int32_t left = row_start[t + 1] - r0, nr = left < 4 ? left : 4;
-        float *dst = xp + (int64_t)r0 * d_in;
+        const int32_t left = row_start[t + 1] - r0, nr = left < 4 ? left : 4, width = nr == 3 ? 4 : nr;
+        float *dst = xp + (r0 + t) * d_in;
         for (int k = 0; k < nr; k++) {
           const float *src = x + (int64_t)rows[r0 + k] * xs;
-          for (int64_t c = 0; c < d_in; c++) dst[c * nr + k] = src[c];
+          for (int64_t c = 0; c < d_in; c++) dst[c * width + k] = src[c];
         }
+        if (width > nr)
+          for (int64_t c = 0; c < d_in; c++) dst[c * width + 3] = 0.f;
       } /* (the implied barrier: every chunk is packed before any is read) */
     const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
     const int64_t begin = total * id / nt, end = total * (id + 1) / nt;
@@ -137,12 +113,11 @@ void jumplora_sparse_delta_add(int64_t n_adapters, const csr_t *adapters, const 
         const int32_t left = row_start[t + 1] - r0, nr = left < 4 ? left : 4;
         float *yk[4];
         for (int k = 0; k < nr; k++) yk[k] = y + (int64_t)rows[r0 + k] * ys;
-        const float *p = xp + (int64_t)r0 * d_in;
+        const float *p = xp + (r0 + t) * d_in;
         switch (nr) {
-          case 1: span1(a.crow, a.col, a.val, o0, o1, p, yk); break;
-          case 2: span2(a.crow, a.col, a.val, o0, o1, p, yk); break;
-          case 3: span3(a.crow, a.col, a.val, o0, o1, p, yk); break;
-          default: span4(a.crow, a.col, a.val, o0, o1, p, yk);
+          case 1: span1(a.crow, a.col, a.val, o0, o1, p, yk, 1); break;
+          case 2: span2(a.crow, a.col, a.val, o0, o1, p, yk, 2); break;
+          default: span4(a.crow, a.col, a.val, o0, o1, p, yk, nr); /* 3 or 4 rows */
         }
       }
     }

@@ -51,7 +51,7 @@ def test_each_row_gets_its_own_adapters_delta(any_kernel, counts):
         for r in rows[starts[t]:starts[t + 1]]:
             expected[r, 2:2 + d_out] += made[t][1] @ x[r]
     group = any_kernel.prepare([d for d, _ in made])
-    scratch = torch.empty(len(rows) * d_in)
+    scratch = torch.full((any_kernel.scratch_size(group, len(rows)),), float("nan"))  # never read unwritten
     any_kernel.add(group, torch.tensor(starts, dtype=torch.int32), torch.tensor(rows, dtype=torch.int32), x, y,
                       scratch)
     assert torch.allclose(y_full, expected, atol=1e-5), float((y_full - expected).abs().max())
@@ -65,16 +65,16 @@ def test_empty_deltas_and_wrong_inputs_are_refused_or_harmless(sparse_kernel):
     y = torch.randn(2, 6)
     before = y.clone()
     sparse_kernel.add(group, torch.tensor([0, 2], dtype=torch.int32), torch.tensor([1, 0], dtype=torch.int32),
-                      torch.randn(2, 5), y, torch.empty(10))
+                      torch.randn(2, 5), y, torch.empty(15))
     assert torch.equal(y, before)
     with pytest.raises(ValueError, match="fp32"):
         sparse_kernel.add(group, torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0], dtype=torch.int32),
-                          torch.randn(1, 5, dtype=torch.float64), y, torch.empty(10))
+                          torch.randn(1, 5, dtype=torch.float64), y, torch.empty(15))
     with pytest.raises(ValueError, match="too small"):
         sparse_kernel.add(group, torch.tensor([0, 2], dtype=torch.int32), torch.tensor([1, 0], dtype=torch.int32),
-                          torch.randn(2, 5), y, torch.empty(9))
+                          torch.randn(2, 5), y, torch.empty(14))  # needs (2 rows + 1 adapter) · 5
     with pytest.raises(ValueError, match="int32"):  # int64 row lists would be read as garbage row numbers
-        sparse_kernel.add(group, torch.tensor([0, 2]), torch.tensor([1, 0]), torch.randn(2, 5), y, torch.empty(10))
+        sparse_kernel.add(group, torch.tensor([0, 2]), torch.tensor([1, 0]), torch.randn(2, 5), y, torch.empty(15))
     assert torch.equal(y, before)
     with pytest.raises(ValueError, match="shapes"):
         sparse_kernel.prepare([empty, _delta(7, 5, 0.5, g)[0]])
