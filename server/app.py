@@ -45,6 +45,8 @@ class ServerState:
         from .model import load_base
         from .registry import Registry
         from .runner import ModelRunner
+        from .sparse_kernel import applies_to
+        from .sparse_kernel import load as load_kernel
 
         s = self.settings
         try:
@@ -59,10 +61,9 @@ class ServerState:
             model_len = int(getattr(self.base.model.config, "max_position_embeddings", 2048))
             max_len = min(model_len, s.max_model_len) if s.max_model_len else min(model_len, 2048)
             runner = ModelRunner(self.base.model, max_rows=s.max_batch_size, max_len=max_len)
-            kernel = None
-            if s.sparse_kernel and runner.device.type == "cpu":
-                from .sparse_kernel import load as load_kernel
-                kernel = load_kernel(s.cache_dir / "kernels")
+            # built only where the engine would use it
+            use_kernel = s.sparse_kernel and applies_to(runner.device, runner.dtype)
+            kernel = load_kernel(s.cache_dir / "kernels") if use_kernel else None
             self.engine = Engine(runner, self.base.tokenizer, state, self.metrics, max_batch=s.max_batch_size,
                                  max_queue=s.max_queue, max_len=max_len, prefill_budget=s.prefill_budget,
                                  max_prompt_tokens=s.max_prompt_tokens, max_new_tokens=s.max_new_tokens_limit,

@@ -362,11 +362,12 @@ class RowPlan:
                           key=lambda kv: (kv[1][0].version, kv[1][1]))
         self.adapters = [adapter for _, adapter in distinct]  # (T,)
         self.by_adapter = bool(with_adapter) and 2 * len(with_adapter) >= 3 * len(self.adapters)
+        where = {key: t for t, (key, _) in enumerate(distinct)}
+        owner = [where[(id(rows[i][0]), rows[i][1])] for i in with_adapter]  # (n_a,) each adapted row's adapter
         if kernel is not None:
             members: list[list[int]] = [[] for _ in self.adapters]
-            where = {key: t for t, (key, _) in enumerate(distinct)}
-            for i in with_adapter:
-                members[where[(id(rows[i][0]), rows[i][1])]].append(i)
+            for i, t in zip(with_adapter, owner):
+                members[t].append(i)
             starts = [0]
             for m in members:
                 starts.append(starts[-1] + len(m))
@@ -374,16 +375,13 @@ class RowPlan:
             self.k_rows = torch.tensor([i for m in members for i in m], dtype=torch.int32)  # (n_a,) by adapter
             self._scratch = torch.empty(0, dtype=torch.float32)  # the kernel's interleaved inputs
         elif self.by_adapter:
-            where = {key: t for t, (key, _) in enumerate(distinct)}
             seen = [0] * len(self.adapters)
-            t_idx, k_idx = [], []
-            for i in with_adapter:
-                t = where[(id(rows[i][0]), rows[i][1])]
-                t_idx.append(t)
+            k_idx = []
+            for t in owner:
                 k_idx.append(seen[t])
                 seen[t] += 1
             self.k = max(seen)
-            self.t_idx = torch.tensor(t_idx, device=device)  # (n_a,) each adapted row's block
+            self.t_idx = torch.tensor(owner, device=device)  # (n_a,) each adapted row's block
             self.k_idx = torch.tensor(k_idx, device=device)  # (n_a,) and its column in that block
             # (n_a,) the adapted rows; None when that is every row (no gather needed)
             self.row_idx = None if len(with_adapter) == self.n else torch.tensor(with_adapter, device=device)
@@ -392,8 +390,9 @@ class RowPlan:
         # the previous plan's block products, which depend on the adapters alone (``previous``: the plan this one
         # replaces, on the same tables).
         self.adapters_key = RowPlan.key(self.adapters)
-        same_products = (previous is not None and previous.kernel is kernel and (
-            previous.tables is self.tables and self.by_adapter and previous.by_adapter if kernel is None else True))
+        # (the kernel's tables depend on the adapters alone; torch's on the layout and the tables too)
+        same_products = previous is not None and previous.kernel is kernel and (
+            kernel is not None or (previous.tables is self.tables and self.by_adapter and previous.by_adapter))
         if (same_products and previous.adapters_key == self.adapters_key
                 and not self.unsparse and not previous.unsparse):
             self._prepared = previous._prepared
@@ -409,8 +408,10 @@ class RowPlan:
         if any(b is not None for b in blocks):
             d_out, d_in = next(b.shape for b in blocks if b is not None)
             if self.kernel is not None:
-                empty = _empty_csr(d_out, d_in)  # an adapter with no sparse delta in this group
-                block = self.kernel.prepare([b if b is not None else empty for b in blocks])
+                if any(b is None for b in blocks):  # an adapter with no sparse delta in this group
+                    empty = _empty_csr(d_out, d_in)
+                    blocks = [b if b is not None else empty for b in blocks]
+                block = self.kernel.prepare(blocks)
             else:
                 layout = "adapter" if self.by_adapter else "row"
                 block = self.tables.get(layers, d_out, d_in, layout).matrix(blocks)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .bank import BASE, BankState, BlockTables, RowPlan, StepPlan
-from .sparse_kernel import SparseDeltaKernel
+from .sparse_kernel import SparseDeltaKernel, applies_to
 from .errors import (BadRequest, InvalidRequest, JumploraError, NotFound, NotReady, Overloaded,
                      PayloadTooLarge)
 from .metrics import Metrics
@@ -145,8 +145,7 @@ class Engine:
         self._outbox = Outbox()
         self._tables = BlockTables(max_batch, runner.device)  # the one live RowPlan's block-diagonal deltas
         # the compiled kernel does the decode rows' sparse deltas where it applies (fp32 on CPU)
-        usable = runner.device.type == "cpu" and runner.dtype == torch.float32
-        self._kernel = sparse_kernel if usable else None
+        self._kernel = sparse_kernel if applies_to(runner.device, runner.dtype) else None
 
     # -- called from the API (event loop thread) -------------------------------------------------------------
 

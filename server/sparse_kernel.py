@@ -93,6 +93,11 @@ class SparseDeltaKernel:
                  scratch.data_ptr(), torch.get_num_threads())
 
 
+def applies_to(device: torch.device, dtype: torch.dtype) -> bool:
+    """Where the kernel serves the decode rows' sparse deltas: fp32 on CPU."""
+    return device.type == "cpu" and dtype == torch.float32
+
+
 def _cpu_identity() -> str:
     """What -march=native depends on: a cached build is reused only on the same kind of CPU."""
     text = ""
