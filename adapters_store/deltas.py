@@ -8,22 +8,39 @@ from dataclasses import dataclass
 import torch
 
 
+INDEX_DTYPES = (torch.int64, torch.int32)
+VALUE_DTYPES = (torch.float32, torch.bfloat16)
+
+
 @dataclass(frozen=True, eq=False)
 class SparseDelta:
-    """A dense (out, in) delta kept as its non-zero entries at flat row-major positions."""
+    """A dense (out, in) delta kept as its non-zero entries at flat row-major positions. Two forms: the full
+    one (int64 positions, float32 values) and the compact one the trainer stores (int32 positions, bfloat16
+    values: 6 bytes a non-zero instead of 12; README, Benchmarks, for what the rounding changes)."""
 
     shape: tuple[int, int]  # (out, in)
-    indices: torch.Tensor  # (nnz,) int64, strictly increasing, each < out*in
-    values: torch.Tensor  # (nnz,) float32
+    indices: torch.Tensor  # (nnz,) int64 or int32, strictly increasing, each < out*in
+    values: torch.Tensor  # (nnz,) float32 or bfloat16
 
     @classmethod
-    def from_dense(cls, dense: torch.Tensor) -> SparseDelta:
-        """Keep the entries of `dense` (out, in) that are non-zero once cast to float32."""
+    def from_dense(cls, dense: torch.Tensor, compact: bool = False) -> SparseDelta:
+        """Keep the entries of `dense` (out, in) that are non-zero once cast to float32 (``compact``: in the
+        compact form; an entry too small for bfloat16 is dropped rather than stored as a zero)."""
         if dense.dim() != 2:
             raise ValueError(f"expected a 2-D tensor, got shape {tuple(dense.shape)}")
         flat = dense.detach().to(torch.float32).reshape(-1)  # (out*in,)
         indices = torch.nonzero(flat).reshape(-1)  # (nnz,) int64, ascending
-        return cls((int(dense.shape[0]), int(dense.shape[1])), indices, flat[indices])
+        delta = cls((int(dense.shape[0]), int(dense.shape[1])), indices, flat[indices])
+        return delta.compact() if compact else delta
+
+    def compact(self) -> SparseDelta:
+        """The compact form: int32 positions (where out*in fits) and bfloat16 values."""
+        values = self.values.to(torch.bfloat16)
+        keep = values != 0
+        indices = self.indices[keep] if not bool(keep.all()) else self.indices
+        if self.shape[0] * self.shape[1] <= torch.iinfo(torch.int32).max:
+            indices = indices.to(torch.int32)
+        return SparseDelta(self.shape, indices, values[keep] if indices.numel() != values.numel() else values)
 
     def to_dense(self) -> torch.Tensor:
         out, inp = self.shape
@@ -77,11 +94,12 @@ def _is_count(n: object) -> bool:
     return isinstance(n, int) and not isinstance(n, bool) and n > 0
 
 
-def _check_tensor(name: str, t: object, dtype: torch.dtype, dim: int) -> None:
+def _check_tensor(name: str, t: object, dtype: torch.dtype | tuple[torch.dtype, ...], dim: int) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} is a {type(t).__name__}, not a tensor")
-    if t.dtype != dtype:
-        raise ValueError(f"{name} has dtype {t.dtype}, expected {dtype}")
+    allowed = dtype if isinstance(dtype, tuple) else (dtype,)
+    if t.dtype not in allowed:
+        raise ValueError(f"{name} has dtype {t.dtype}, expected {' or '.join(map(str, allowed))}")
     if t.dim() != dim:
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {dim} dimension(s)")
 
@@ -89,8 +107,8 @@ def _check_tensor(name: str, t: object, dtype: torch.dtype, dim: int) -> None:
 def _check_sparse(d: SparseDelta) -> None:
     if not (isinstance(d.shape, tuple) and len(d.shape) == 2 and all(map(_is_count, d.shape))):
         raise ValueError(f"shape must be two positive ints, got {d.shape!r}")
-    _check_tensor("indices", d.indices, torch.int64, 1)
-    _check_tensor("values", d.values, torch.float32, 1)
+    _check_tensor("indices", d.indices, INDEX_DTYPES, 1)
+    _check_tensor("values", d.values, VALUE_DTYPES, 1)
     if d.indices.numel() != d.values.numel():
         raise ValueError(f"{d.indices.numel()} indices but {d.values.numel()} values")
     if d.indices.numel():
@@ -101,6 +119,8 @@ def _check_sparse(d: SparseDelta) -> None:
             raise ValueError(f"indices out of range [0, {size}) for shape {d.shape}")
     if not bool(torch.isfinite(d.values).all()):
         raise ValueError("values are not all finite")
+    if d.indices.dtype == torch.int32 and d.shape[0] * d.shape[1] > torch.iinfo(torch.int32).max:
+        raise ValueError(f"int32 indices cannot address shape {d.shape}")
 
 
 def _check_lowrank(d: LowRankDelta) -> None:

@@ -160,6 +160,28 @@ class AdapterStore:
                     raise MalformedAdapter(task, f"layer {layer!r} is {delta.shape}, the model's is {want}")
         return StoredAdapter(manifest, deltas)
 
+    def lineage(
+        self,
+        task: str,
+        *,
+        fingerprint: str | None = None,
+        layer_shapes: Mapping[str, tuple[int, int]] | None = None,
+    ) -> list[StoredAdapter]:
+        """The adapters a task is served with, in order: those its manifest's ``parents`` name (the tasks it was
+        trained on), then itself; each verified as get() does and checked to be the very adapter it was
+        trained on (same tensors checksum). Raises AdapterNotFound or CorruptAdapter naming the parent."""
+        own = self.get(task, fingerprint=fingerprint, layer_shapes=layer_shapes)
+        route = []
+        for parent in own.manifest.get("parents", []):
+            name = parent.get("task") if isinstance(parent, dict) else None
+            if not isinstance(name, str) or not self.exists(name):
+                raise AdapterNotFound(task, f"it was trained on {name!r}, which is not in the store")
+            stored = self.get(name, fingerprint=fingerprint, layer_shapes=layer_shapes)
+            if stored.manifest["tensors_sha256"] != parent.get("sha256"):
+                raise CorruptAdapter(task, f"its parent {name!r} is not the adapter it was trained on")
+            route.append(stored)
+        return route + [own]
+
     def verify(
         self,
         task: str,

@@ -59,7 +59,8 @@ from .cl_report import backward_transfer, markdown, overall_accuracy, plot
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = [HERE.parents[1] / "shared" / "data" / "cl-benchmark", HERE / "data" / "cl-subset"]
 METHODS = {
-    "jumplora+incremental": {"method": "jumplora", "regularizer": "incremental"},
+    "jumplora+incremental": {"method": "jumplora", "regularizer": "incremental"},  # the budget gate (default)
+    "jumplora-adaptive+incremental": {"method": "jumplora", "regularizer": "incremental", "gate": "adaptive"},
     "lora+incremental": {"method": "lora", "regularizer": "incremental"},
     "jumplora+ella": {"method": "jumplora", "regularizer": "ella"},
     "lora+ella": {"method": "lora", "regularizer": "ella"},

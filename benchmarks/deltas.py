@@ -1,5 +1,5 @@
 """Decode-step time by delta representation: 8 tasks with random deltas of density d on q_proj and v_proj, each
-row of the batch on one of them (evenly), served sparse (through torch's block tables, and through the compiled
+row of the batch on one of them (evenly), stored compact (bf16 values), served sparse (through torch's CSR products, one per adapter, and through the compiled
 kernel of ``server/sparse_kernel.py``) or dense, against the base model alone. The runner is
 driven directly (no HTTP, no scheduler), and the cases alternate in short blocks so that a slow stretch of a
 shared machine hits each alike; the figure is the median over the blocks.
@@ -32,16 +32,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from server.bank import BlockTables, RowPlan, StepPlan, TaskInfo, build_state, slot_delta
+    from adapters_store import SparseDelta
+    from server.bank import Plan, make_adapter
     from server.model import load_base, target_linears
-    from server.runner import ModelRunner
+    from server.runner import ModelRunner, projection_layout
     from server.sparse_kernel import load as load_kernel
 
     model_dir, cache = model_and_cache(args)
     kernel = None if args.no_kernel else load_kernel(cache / "kernels")
     base = load_base(model_dir, cache, "cpu", "float32")
     layers = target_linears(base.model, ["q_proj", "v_proj"])
-    weights = {n: m.weight for n, m in base.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    layout = projection_layout(base.model)
     most = max(args.rows)
     runner = ModelRunner(base.model, max_rows=most, max_len=256)
     prompt = list(range(100, 130))
@@ -54,20 +55,18 @@ def main(argv: list[str] | None = None) -> int:
         deltas = [{name: torch.randn(m.weight.shape, generator=g) * 1e-3
                    * (torch.rand(m.weight.shape, generator=g) < density) for name, m in layers.items()}
                   for _ in range(N_TASKS)]
-        states = {}
+        adapters = {}  # kind -> one adapter per task, its deltas compact (bf16 values) as the trainer stores them
         for kind, dense_above in (("sparse", 1.0), ("dense", 0.0)):
-            tasks = [(TaskInfo(f"task-{t}", t, {}, 0, 1, 0.0),
-                      {name: slot_delta(d, dense_above=dense_above) for name, d in deltas[t].items()})
-                     for t in range(N_TASKS)]
-            states[kind] = build_state(weights, tasks, version=1)
+            adapters[kind] = [make_adapter(f"task-{t}", {name: SparseDelta.from_dense(d, compact=True)
+                                                         for name, d in deltas[t].items()},
+                                           layout, dense_above=dense_above) for t in range(N_TASKS)]
         for n in args.rows:
-            tables = BlockTables(n, runner.device)
             plans = {"base": None}
-            for kind, state in states.items():
-                rows = [(state, 1 + i % N_TASKS) for i in range(n)]
-                plans[kind] = StepPlan(RowPlan(rows, runner.device, tables), [])
+            for kind, made in adapters.items():
+                routes = [(made[i % N_TASKS],) for i in range(n)]
+                plans[kind] = Plan(routes, (), runner.device)
                 if kind == "sparse" and kernel is not None:
-                    plans["kernel"] = StepPlan(RowPlan(rows, runner.device, kernel=kernel), [])
+                    plans["kernel"] = Plan(routes, (), runner.device, kernel)
             tokens = torch.full((n,), 200)
             times: dict[str, list[float]] = {k: [] for k in plans}
             for _ in range(args.blocks):

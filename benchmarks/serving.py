@@ -1,7 +1,10 @@
 """Serving benchmark: aggregate decode tokens/s and request latency over HTTP at several concurrencies, for
-(a) all ``@base``, (b) requests spread evenly over 8 task adapters (random sparse deltas at the density of a
-rank-8 JumpLoRA adapter), (c) all ``@stack``; and the anchor: Hugging Face ``generate`` on the base model
-with static batches of the same sizes and the same requests.
+(a) all ``@base``, (b) requests spread evenly over a chain of 8 tasks (each trained on top of those before it,
+so that a request naming the k-th is served with k adapters), (m) requests spread over 64 distinct adapters
+(tasks trained on the base alone), (c) all ``@stack``; and the anchor: Hugging Face ``generate`` on the base
+model with static batches of the same sizes and the same requests. The adapters are trained by the server's
+trainer with its default config (``benchmarks/trained.py``: a few steps each; the budget gate makes their size
+that of any longer run), made once and kept in the cache folder.
 
     python -m benchmarks.serving [--model PATH] [--concurrency 1 8 16 32] [--requests-per-stream 4] [--repeat 3]
 
@@ -13,9 +16,9 @@ generated tokens over the wall time of the whole run, prefill included. The stat
 batch until its longest request is done, which is what static batching costs; its tokens/s counts, as ours
 does, only the tokens each request asked for.
 
-The server cases run interleaved (at each concurrency: (a), (b), (c), then again, ``--repeat`` times), so that a
-slow stretch of a shared machine hits every case alike; the table gives each case's median over the repeats
-and the range of its tokens/s. The anchor runs once per batch size.
+The server cases run interleaved (at each concurrency: (a), (b), (m), (c), then again, ``--repeat`` times), so
+that a slow stretch of a shared machine hits every case alike; the table gives each case's median over the
+repeats and the range of its tokens/s. The anchor runs once per batch size.
 """
 from __future__ import annotations
 
@@ -50,7 +53,9 @@ PROMPTS = [
     "What should I pack for a weekend hiking trip?",
     "Explain recursion with an everyday example.",
 ]
-N_TASKS = 8
+CASES = ("base", "tasks", "many", "stack", "hf")
+NAMES = {"base": "(a) @base", "tasks": "(b) 8-task chain", "many": "(m) 64 adapters", "stack": "(c) @stack",
+         "hf": "HF generate (static)"}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -66,34 +71,6 @@ def make_requests(n: int, lo: int, hi: int, seed: int, template=None) -> list[tu
     rng = random.Random(seed)
     fmt = template or (lambda p: p)
     return [(fmt(PROMPTS[i % len(PROMPTS)]), rng.randint(lo, hi)) for i in range(n)]
-
-
-def write_store(root: Path, model, fingerprint: str, rank: int = 8, seed: int = 0) -> list[str]:
-    """Eight random task adapters at the density of a rank-``rank`` JumpLoRA adapter on q_proj and v_proj."""
-    import torch
-
-    from adapters_store import AdapterStore, SparseDelta
-    from server.model import target_linears
-
-    layers = target_linears(model, ["q_proj", "v_proj"])
-    n_lora = sum(rank * sum(m.weight.shape) for m in layers.values())
-    n_all = sum(m.weight.numel() for m in layers.values())
-    density = n_lora / n_all
-    store = AdapterStore(root)
-    names = []
-    g = torch.Generator().manual_seed(seed)
-    for t in range(N_TASKS):
-        deltas = {}
-        for name, m in layers.items():
-            mask = torch.rand(m.weight.shape, generator=g) < density
-            deltas[name] = SparseDelta.from_dense(torch.randn(m.weight.shape, generator=g) * 1e-3 * mask)
-        name = f"task-{t}"
-        store.put(name, deltas, {"base_fingerprint": fingerprint, "method": "jumplora", "regularizer": "incremental",
-                                 "order": t, "targets": ["q_proj", "v_proj"], "rank": rank, "alpha": 32.0,
-                                 "metrics": {"density": density}})
-        names.append(name)
-    print(f"stored {N_TASKS} random adapters at density {density:.4f} (N_LoRA {n_lora} of {n_all})", flush=True)
-    return names
 
 
 async def drive(url: str, tasks: list[str], requests: list[tuple[str, int]], streams: int,
@@ -165,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs of each server case at each concurrency")
     ap.add_argument("--min-new", type=int, default=32)
     ap.add_argument("--max-new", type=int, default=128)
-    ap.add_argument("--cases", nargs="+", default=["base", "tasks", "stack", "hf"],
-                    choices=["base", "tasks", "stack", "hf"])
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--chain", type=int, default=8, help="tasks in the chain of case (b)")
+    ap.add_argument("--adapters", type=int, default=64, help="distinct adapters of case (m)")
+    ap.add_argument("--train-steps", type=int, default=2, help="training steps of each benchmark adapter")
     ap.add_argument("--dtype", default="auto", help="server and anchor dtype (auto: fp32 on CPU)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", help="write the results as JSON here")
@@ -180,12 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     from server.model import load_base
 
     from .loopback import ServerProcess
+    from .trained import trained_store
 
     model_dir, cache = model_and_cache(args)
     base = load_base(model_dir, cache, args.device, args.dtype)
     results: dict = {"model": str(model_dir), "dtype": str(base.dtype), "device": str(base.device), "runs": []}
     work = Path(tempfile.mkdtemp(prefix="jumplora-bench-"))
-    tasks = write_store(work / "store", base.model, base.fingerprint)
+    store, chain, solo = trained_store(base, cache, args.chain, args.adapters, args.train_steps)
+    results["adapters"] = {"store": str(store), "chain": chain, "independent": solo, "train_steps": args.train_steps}
     template = None
     if args.workload == "chat":
         def template(p: str) -> str:
@@ -193,17 +174,17 @@ def main(argv: list[str] | None = None) -> int:
                                                       add_generation_prompt=True)
     ignore_eos = args.workload == "fixed"
     results["workload"] = args.workload
-    case_tasks = {"base": ["@base"], "tasks": tasks, "stack": ["@stack"]}
+    case_tasks = {"base": ["@base"], "tasks": chain, "many": solo, "stack": ["@stack"]}
     max_batch = max(args.concurrency)
     server_cases = [c for c in args.cases if c != "hf"]
     if server_cases:
-        server = ServerProcess(model_dir, work / "store", cache, extra_args=[
+        server = ServerProcess(model_dir, store, cache, extra_args=[
             "--max-batch-size", str(max_batch), "--dtype", args.dtype, "--device", args.device,
             "--log-level", "warning"], log_path=work / "server.log").wait_ready(timeout=300)
         try:
             # warm-up: every adapter, and every cache row to full length, so that first-use costs (page faults
             # in the KV cache) are not in the numbers
-            asyncio.run(drive(server.url, tasks + ["@stack", "@base"],
+            asyncio.run(drive(server.url, chain + solo + ["@stack", "@base"],
                               make_requests(max_batch, args.max_new, args.max_new, 1), max_batch))
             for streams in args.concurrency:
                 reqs = make_requests(max(8, streams * args.requests_per_stream), args.min_new, args.max_new,
@@ -261,27 +242,24 @@ def summary(results: dict) -> list[dict]:
                      "p99_s": statistics.median(r["p99_s"] for r in runs),
                      "step_ms": statistics.median(r["step_ms"] for r in runs) if runs[0].get("step_ms") else None,
                      "requests": runs[0]["requests"], "failures": sum(r["failures"] for r in runs)})
-    order = {"base": 0, "tasks": 1, "stack": 2, "hf": 3}
-    return sorted(rows, key=lambda r: (order[r["case"]], r["concurrency"]))
+    return sorted(rows, key=lambda r: (CASES.index(r["case"]), r["concurrency"]))
 
 
 def table(results: dict) -> str:
-    names = {"base": "(a) @base", "tasks": "(b) 8 tasks", "stack": "(c) @stack", "hf": "HF generate (static)"}
     lines = ["| case | streams | tokens/s (median) | range | p50 latency (s) | p99 latency (s) | decode step (ms) "
              "| requests | repeats | failures |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     rows = summary(results)
     for r in rows:
         step = f"{r['step_ms']:.1f}" if r.get("step_ms") else "–"
-        lines.append(f"| {names[r['case']]} | {r['concurrency']} | {r['tok_s']:.1f} | {math.floor(r['tok_s_min'])}-"
+        lines.append(f"| {NAMES[r['case']]} | {r['concurrency']} | {r['tok_s']:.1f} | {math.floor(r['tok_s_min'])}-"
                      f"{math.ceil(r['tok_s_max'])} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | {step} | {r['requests']} | "
                      f"{r['repeats']} | {r['failures']} |")
     by = {(r["case"], r["concurrency"]): r["tok_s"] for r in rows}
     ratios = []
     for (case, c), v in by.items():
-        if case == "tasks" and ("base", c) in by:
-            ratios.append(f"(b)/(a) at {c}: {v / by[('base', c)]:.3f}")
-        if case == "tasks" and ("hf", c) in by:
-            ratios.append(f"(b)/HF at {c}: {v / by[('hf', c)]:.3f}")
+        for other, label in (("base", "(a)"), ("hf", "HF")):
+            if case in ("tasks", "many") and (other, c) in by:
+                ratios.append(f"{NAMES[case][:3]}/{label} at {c}: {v / by[(other, c)]:.3f}")
     return "\n".join(lines + ([""] + ratios if ratios else []))
 
 

@@ -44,7 +44,7 @@ class ServerState:
         from .jobs import JobFiles, JobManager
         from .model import load_base
         from .registry import Registry
-        from .runner import ModelRunner
+        from .runner import ModelRunner, projection_layout
         from .sparse_kernel import applies_to
         from .sparse_kernel import load as load_kernel
 
@@ -55,12 +55,14 @@ class ServerState:
             self.base = load_base(s.model, s.cache_dir, s.device, s.dtype)
             self.store = AdapterStore(s.store)
             self.store.cleanup_temp()
-            self.registry = Registry(self.store, self.base.model, self.base.fingerprint, self.base.device,
-                                     self.metrics)
-            state = self.registry.refresh()
             model_len = int(getattr(self.base.model.config, "max_position_embeddings", 2048))
             max_len = min(model_len, s.max_model_len) if s.max_model_len else min(model_len, 2048)
             runner = ModelRunner(self.base.model, max_rows=s.max_batch_size, max_len=max_len)
+            self.registry = Registry(self.store, self.base.model, self.base.fingerprint, self.base.device,
+                                     self.metrics, projection_layout(self.base.model), s.max_tasks)
+            started = time.monotonic()
+            state = self.registry.refresh()
+            log.info("loaded %d stored adapter(s) in %.1f s", len(state.tasks), time.monotonic() - started)
             # built only where the engine would use it
             use_kernel = s.sparse_kernel and applies_to(runner.device, runner.dtype)
             kernel = load_kernel(s.cache_dir / "kernels") if use_kernel else None

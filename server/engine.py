@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .bank import BASE, BankState, BlockTables, RowPlan, StepPlan
+from .bank import BASE, BankState, KernelTables, Plan, Route
 from .sparse_kernel import SparseDeltaKernel, applies_to
 from .errors import (BadRequest, InvalidRequest, JumploraError, NotFound, NotReady, Overloaded,
                      PayloadTooLarge)
@@ -99,9 +99,9 @@ class Outbox:
 class Sequence:
     """An admitted request occupying one batch row."""
 
-    def __init__(self, handle: RequestHandle, adapter: tuple[BankState, int], tokenizer):
+    def __init__(self, handle: RequestHandle, route: Route, tokenizer):
         self.handle = handle
-        self.adapter = adapter
+        self.route = route  # the adapters of its task, as served when it was admitted
         self.params = handle.params
         self.gen = make_generator(handle.params)
         self.detok = Detokenizer(tokenizer, handle.prompt_ids, handle.params.stop)
@@ -137,15 +137,15 @@ class Engine:
         self._prefilling: list[Sequence] = []
         self._in_step: list[Sequence] = []
         self._plan_key: tuple | None = None
-        self._plan: RowPlan | None = None
+        self._plan: Plan | None = None  # the decode rows' plan, kept while the batch stays the same
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._stopped = threading.Event()
         self.step_times: collections.deque[float] = collections.deque(maxlen=64)
         self._outbox = Outbox()
-        self._tables = BlockTables(max_batch, runner.device)  # the one live RowPlan's block-diagonal deltas
-        # the compiled kernel does the decode rows' sparse deltas where it applies (fp32 on CPU)
-        self._kernel = sparse_kernel if applies_to(runner.device, runner.dtype) else None
+        # the compiled kernel does the sparse deltas where it applies (fp32 on CPU), with its tables kept here
+        use = sparse_kernel is not None and applies_to(runner.device, runner.dtype)
+        self._kernel = KernelTables(sparse_kernel) if use else None
 
     # -- called from the API (event loop thread) -------------------------------------------------------------
 
@@ -192,7 +192,7 @@ class Engine:
         """Validate and queue a request. Raises NotFound (task), InvalidRequest (max_new_tokens over the
         limit), PayloadTooLarge (prompt over the limit), BadRequest (over the context), Overloaded (queue)."""
         names = param_names or {}
-        if task != BASE and task not in self.state.slots:
+        if task not in self.state.routes:
             raise NotFound(f"task {task!r} is not served (see GET /v1/tasks)", param=names.get("task", "task"))
         if self.max_new_tokens is not None and params.max_new_tokens > self.max_new_tokens:
             name = names.get("max_new_tokens", "max_new_tokens")
@@ -295,12 +295,11 @@ class Engine:
                     break
                 handle = self._waiting.popleft()
                 self.metrics.queue_length.set(len(self._waiting))
-            try:
-                slot = self._state.slot_of(handle.task)
-            except KeyError:  # the task went away while the request waited
+            route = self._state.routes.get(handle.task)
+            if route is None:  # the task went away while the request waited
                 handle.emit(Failed(NotFound(f"task {handle.task!r} is no longer served", param="task")))
                 continue
-            self._prefilling.append(Sequence(handle, (self._state, slot), self.tokenizer))
+            self._prefilling.append(Sequence(handle, route, self.tokenizer))
 
     def _free_row(self, above: int) -> int:
         used = {seq.row for seq in self._prefilling if seq.row is not None}
@@ -322,22 +321,24 @@ class Engine:
 
     def _step(self) -> None:
         start = time.monotonic()
-        rows = [seq.adapter for seq in self._decoding]
-        key = RowPlan.key(rows)
-        if key != self._plan_key:
-            self._plan = RowPlan(rows, self.runner.device, self._tables, previous=self._plan, kernel=self._kernel)
-            self._plan_key = key
         chunks = self._chunks()
         self._in_step = [seq for seq, _ in chunks]  # may leave both lists mid-step: failed too if the step fails
         n = len(self._decoding)
         segments, offset = [], n
         for seq, chunk in chunks:
-            segments.append((offset, offset + len(chunk.token_ids), seq.adapter))
+            segments.append((offset, offset + len(chunk.token_ids), seq.route))
             offset += len(chunk.token_ids)
         tokens = torch.tensor([seq.last for seq in self._decoding], dtype=torch.long)
         positions = torch.tensor([seq.pos for seq in self._decoding], dtype=torch.long)
-        logits, chunk_logits = self.runner.step(tokens, positions, [c for _, c in chunks],
-                                                StepPlan(self._plan if n else None, segments))
+        routes = [seq.route for seq in self._decoding]
+        if segments:  # prompt positions: a plan for this forward alone
+            plan = Plan(routes, segments, self.runner.device, self._kernel)
+        else:
+            key = Plan.key(routes)
+            if key != self._plan_key:
+                self._plan, self._plan_key = Plan(routes, (), self.runner.device, self._kernel), key
+            plan = self._plan
+        logits, chunk_logits = self.runner.step(tokens, positions, [c for _, c in chunks], plan)
         # decode rows
         chosen = sample(logits, [s.params for s in self._decoding], [s.gen for s in self._decoding]) if n else []
         done = []

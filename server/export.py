@@ -1,4 +1,5 @@
-"""Merged export: the base model with one task's delta (or the ``@stack`` sum) added into its weights, saved
+"""Merged export: the base model with one task's route (the deltas of the tasks it was trained on and its own) or
+the ``@stack`` sum added into its weights, saved
 as an ordinary transformers checkpoint (loadable with ``AutoModelForCausalLM.from_pretrained``, servable by
 vLLM or TGI).
 
@@ -37,21 +38,22 @@ def export_merged(store_root: Path, name: str, out_dir: Path, *, model: Path | N
     store = AdapterStore(store_root)
     shapes = {n: tuple(m.weight.shape) for n, m in base.model.named_modules() if isinstance(m, torch.nn.Linear)}
     if name == "@base":
-        names = []
+        route = []
     elif name == "@stack":
-        names = tasks if tasks is not None else store.names()
-    else:
-        names = [name]
-    merged = []
-    with torch.no_grad():
-        for task in names:
+        route = []
+        for task in tasks if tasks is not None else store.names():
             try:
-                stored = store.get(task, fingerprint=base.fingerprint, layer_shapes=shapes)
+                route.append(store.get(task, fingerprint=base.fingerprint, layer_shapes=shapes))
             except StoreError as e:
-                if name != "@stack" or tasks is not None:
+                if tasks is not None:
                     raise
                 log.warning("leaving out of @stack: %s", e)
-                continue
+    else:  # a task is served with its route: the tasks it was trained on, then itself
+        route = store.lineage(name, fingerprint=base.fingerprint, layer_shapes=shapes)
+    merged = []
+    with torch.no_grad():
+        for stored in route:
+            task = stored.name
             for layer, delta in stored.deltas.items():
                 weight = base.model.get_submodule(layer).weight
                 weight += delta.to_dense().to(weight.dtype)

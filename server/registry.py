@@ -1,47 +1,134 @@
-"""Reads task adapters from the store into bank states: verified against this base model, refused ones skipped
-with a logged error and a metric, and the result published to the engine and to the metrics."""
+"""Reads task adapters from the store into bank states: verified against this base model, each task's route
+resolved from its manifest's ``parents``, refused ones skipped with a logged error and a metric, and the result
+published to the engine and to the metrics.
+
+Registering one more task costs the same however many are served: the ``@stack`` sums and the union of the
+earlier tasks' non-zero positions (for the overlap figure) are kept per projection group and updated with the
+new task's entries alone. Only a deletion (or a task older than the newest, from another replica) rebuilds
+them from the served adapters."""
 from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass, replace
 
 import torch
 
 from adapters_store import AdapterStore, StoreError
 
-from .bank import BankState, SlotDelta, TaskInfo, build_state, from_stored
+from .bank import Adapter, BankState, Group, GroupDelta, TaskInfo, build_state, make_adapter, make_stack
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Loaded:
+    info: TaskInfo
+    adapter: Adapter
+    route: tuple[Adapter, ...]  # its parents' adapters, then its own (kept even if a parent leaves the store)
+
+
+def _entries(delta: GroupDelta) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group delta's non-zero entries: flat positions in (Σ d_out·d_in) (int64) and fp32 values."""
+    if delta.kind == "sparse":
+        d_out, d_in = delta.shape
+        rows = torch.repeat_interleave(torch.arange(d_out, device=delta.crow.device), delta.crow.diff().long())
+        return rows * d_in + delta.col.long(), delta.val.float()
+    dense = delta.to_dense().reshape(-1)
+    positions = torch.nonzero(dense).reshape(-1)
+    return positions, dense[positions].float()
+
+
 class Registry:
-    def __init__(self, store: AdapterStore, model: torch.nn.Module, fingerprint: str, device, metrics: Metrics):
+    def __init__(self, store: AdapterStore, model: torch.nn.Module, fingerprint: str, device, metrics: Metrics,
+                 layout: list[Group], max_tasks: int = 1000):
         self.store, self.model, self.fingerprint = store, model, fingerprint
-        self.device, self.metrics = device, metrics
+        self.device, self.metrics, self.layout, self.max_tasks = device, metrics, layout, max_tasks
         linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
         self.layer_shapes = {n: tuple(m.weight.shape) for n, m in linears.items()}
         self.weights = {n: m.weight for n, m in linears.items()}
-        self._loaded: dict[str, tuple[TaskInfo, dict[str, SlotDelta]]] = {}
+        self.served_layers = {name for layers, _ in layout for name in layers}
+        self._loaded: dict[str, Loaded] = {}  # in registration order
         self._refused: dict[str, str] = {}  # name -> reason, so that a bad adapter is reported once
         self._lock = threading.Lock()
         self._version = 0
+        # per projection group: Σ of every served task's delta (fp32, (Σ d_out, d_in)) and the union of their
+        # non-zero positions (bool, flat); the newest order they hold
+        self._sums: dict[tuple[str, ...], torch.Tensor] = {}
+        self._union: dict[tuple[str, ...], torch.Tensor] = {}
+        self._newest = -1
+        self._stack: Adapter | None = None
 
-    def _load(self, name: str) -> tuple[TaskInfo, dict[str, SlotDelta]] | None:
+    # -- loading ------------------------------------------------------------------------------------------------
+
+    def _refuse(self, name: str, reason: str, kind: str) -> None:
+        if self._refused.get(name) != reason:
+            log.error("skipping adapter %r: %s", name, reason)
+            self.metrics.adapter_load_errors.labels(name, kind).inc()
+            self._refused[name] = reason
+
+    def _load(self, name: str) -> Loaded | None:
+        if len(self._loaded) >= self.max_tasks:
+            self._refuse(name, f"the server already serves max_tasks={self.max_tasks} tasks", "TooManyTasks")
+            return None
         try:
             stored = self.store.get(name, fingerprint=self.fingerprint, layer_shapes=self.layer_shapes)
         except StoreError as e:
-            if self._refused.get(name) != e.reason:
-                log.error("skipping adapter: %s", e)
-                self.metrics.adapter_load_errors.labels(name, type(e).__name__).inc()
-                self._refused[name] = e.reason
+            self._refuse(name, str(e), type(e).__name__)
             return None
-        deltas = {layer: from_stored(d, self.device) for layer, d in stored.deltas.items()}
-        nonzero = sum(d.nnz for d in deltas.values())
-        total = sum(d.shape[0] * d.shape[1] for d in deltas.values())
         m = stored.manifest
-        info = TaskInfo(name=name, order=int(m["order"]), manifest=m, nonzero=nonzero, total=total, overlap=0.0)
-        return info, deltas
+        unserved = sorted(set(stored.deltas) - self.served_layers)
+        if unserved:
+            self._refuse(name, f"layer(s) {unserved[:3]} are not projections the engine serves", "UnservedLayer")
+            return None
+        # the route: the adapters it was trained on, exactly as they were then, and its own
+        route = []
+        for parent in m.get("parents", []):
+            p = self._loaded.get(parent.get("task")) if isinstance(parent, dict) else None
+            if p is None:
+                self._refuse(name, f"it was trained on {parent!r}, which is not served", "MissingParent")
+                return None
+            if p.info.manifest["tensors_sha256"] != parent.get("sha256"):
+                self._refuse(name, f"its parent {parent['task']!r} is not the adapter it was trained on",
+                             "ChangedParent")
+                return None
+            route.append(p.adapter)
+        adapter = make_adapter(name, stored.deltas, self.layout, self.device)
+        nonzero = sum(d.nnz for d in stored.deltas.values())
+        total = sum(d.shape[0] * d.shape[1] for d in stored.deltas.values())
+        info = TaskInfo(name=name, order=int(m["order"]), manifest=m, nonzero=nonzero, total=total, overlap=0.0,
+                        route=tuple(a.name for a in route) + (name,), nbytes=adapter.nbytes)
+        return Loaded(info, adapter, (*route, adapter))
+
+    # -- the @stack sums and overlap ----------------------------------------------------------------------------
+
+    def _add(self, loaded: Loaded) -> Loaded:
+        """Add a task's entries to the sums and the union; its overlap with the tasks added before it."""
+        overlapping = 0
+        for layers, delta in loaded.adapter.groups.items():
+            positions, values = _entries(delta)
+            if layers not in self._sums:
+                self._sums[layers] = torch.zeros(delta.shape, device=positions.device)
+                self._union[layers] = torch.zeros(delta.shape[0] * delta.shape[1], dtype=torch.bool,
+                                                  device=positions.device)
+            union = self._union[layers]
+            overlapping += int(union[positions].sum())
+            union[positions] = True
+            self._sums[layers].view(-1).index_add_(0, positions, values)
+        self._newest = max(self._newest, loaded.info.order)
+        nz = loaded.info.nonzero
+        return replace(loaded, info=replace(loaded.info, overlap=overlapping / nz if nz else 0.0))
+
+    def _rebuild(self) -> None:
+        """Sums, union and every overlap from the served tasks, in order (after a deletion)."""
+        self._sums, self._union, self._newest = {}, {}, -1
+        ordered = sorted(self._loaded.values(), key=_order)
+        self._loaded = {}
+        for loaded in ordered:
+            self._loaded[loaded.info.name] = self._add(loaded)
+
+    # -- refreshing ---------------------------------------------------------------------------------------------
 
     def pending(self) -> bool:
         """Cheap (a directory listing and small manifests): has the store gained or lost adapters since the
@@ -53,28 +140,43 @@ class Registry:
         """Load adapters that appeared in the store since the last call and drop those that left it; return the
         new state, or None when nothing changed."""
         with self._lock:
-            names = self.store.names()
+            names = self.store.names()  # by (order, created_at, name): parents before the tasks trained on them
             gone = set(self._loaded) - set(names)
+            rebuild = False
             for name in gone:
                 del self._loaded[name]
-            changed = bool(gone)
+                rebuild = True
+            added = False
             for name in names:
-                if name in self._loaded:
+                if name in self._loaded or name in self._refused:
                     continue
                 loaded = self._load(name)
-                if loaded is not None:
+                if loaded is None:
+                    continue
+                added = True
+                if rebuild or loaded.info.order < self._newest:
                     self._loaded[name] = loaded
-                    self._refused.pop(name, None)
-                    changed = True
-            if not changed and self._version > 0:
+                    rebuild = True
+                else:
+                    self._loaded[name] = self._add(loaded)
+            if not (added or gone) and self._version > 0:
                 return None
+            if rebuild:
+                self._rebuild()
+            self._stack = make_stack(self._sums, self.weights, self.layout)
             return self._build()
 
     def _build(self) -> BankState:
         self._version += 1
-        ordered = sorted(self._loaded.values(), key=lambda t: (t[0].order, t[0].manifest.get("created_at", ""),
-                                                               t[0].name))
-        state = build_state(self.weights, ordered, self._version)
+        ordered = sorted(self._loaded.values(), key=_order)
+        state = build_state([(loaded.info, loaded.route) for loaded in ordered], self._stack, self._version)
         self.metrics.set_adapters(list(state.tasks.values()))
-        log.info("serving %d task adapter(s): %s", len(state.tasks), ", ".join(state.tasks) or "-")
+        log.info("serving %d task adapter(s)%s", len(state.tasks),
+                 ": " + ", ".join(list(state.tasks)[:8]) + (" ..." if len(state.tasks) > 8 else "")
+                 if state.tasks else "")
         return state
+
+
+def _order(loaded: Loaded):
+    m = loaded.info.manifest
+    return loaded.info.order, m.get("created_at", ""), loaded.info.name

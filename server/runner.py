@@ -32,6 +32,20 @@ class Plan(Protocol):
 QKV, O, GATE_UP, DOWN = ("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)
 
 
+def projection_layout(model) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+    """Every projection group of the model's blocks: its layers' module paths (q/k/v; o; gate/up; down) and
+    each one's d_out. The adapter bank keeps each adapter's delta per group (``server/bank.py``)."""
+    path_of = {id(m): n for n, m in model.named_modules()}
+    layout = []
+    for layer in model.model.layers:
+        mods = {k: getattr(layer.self_attn, k) for k in QKV + O}
+        mods.update({k: getattr(layer.mlp, k) for k in GATE_UP + DOWN})
+        for group in (QKV, O, GATE_UP, DOWN):
+            layout.append((tuple(path_of[id(mods[k])] for k in group),
+                           tuple(int(mods[k].weight.shape[0]) for k in group)))
+    return layout
+
+
 @dataclass(frozen=True)
 class Chunk:
     """Part of a prompt to prefill: ``token_ids`` go to cache row ``row`` at positions start..end-1."""

@@ -30,7 +30,8 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 
 class _CSR(ctypes.Structure):
-    _fields_ = [("crow", ctypes.c_void_p), ("col", ctypes.c_void_p), ("val", ctypes.c_void_p)]
+    _fields_ = [("crow", ctypes.c_void_p), ("col", ctypes.c_void_p), ("val", ctypes.c_void_p),
+                ("bf16", ctypes.c_int64)]
 
 
 @dataclass
@@ -38,15 +39,15 @@ class Prepared:
     """One projection group's arguments for a batch: the distinct adapters' CSR deltas (kept referenced, so
     that the pointers stay valid) and the rows of each."""
 
-    deltas: list  # [SlotDelta] (T,), all of shape (d_out, d_in)
+    deltas: list  # [GroupDelta] (T,), all of shape (d_out, d_in)
     table: ctypes.Array  # (T,) _CSR pointing into them
     d_in: int
     d_out: int
 
 
 class SparseDeltaKernel:
-    """y[r] += Δ_t(r)·x[r] for the decode rows, every distinct adapter's delta read once per chunk of 4 of its
-    rows. fp32 on CPU only."""
+    """y[r] += Σ_t Δ_t·x[r] over the adapters t of row r's route, every distinct adapter's delta read once per
+    chunk of 4 of its rows. fp32 inputs and outputs on CPU only; delta values fp32 or bf16."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path):
         self.path = path
@@ -58,15 +59,17 @@ class SparseDeltaKernel:
 
     @staticmethod
     def prepare(deltas: list) -> Prepared:
-        """The per-group part, which depends on the adapters alone: ``deltas`` (T,) sparse SlotDeltas with int32
-        indices and fp32 values on CPU, one shape."""
+        """The per-group part, which depends on the adapters alone: ``deltas`` (T,) sparse GroupDeltas with
+        int32 indices and fp32 or bf16 values on CPU, one shape."""
         shapes = {d.shape for d in deltas}
         if len(shapes) != 1:
             raise ValueError(f"deltas of different shapes {sorted(shapes)}")
         for d in deltas:
-            if d.kind != "sparse" or d.col.dtype != torch.int32 or d.val.dtype != torch.float32:
-                raise ValueError("the kernel takes sparse deltas with int32 indices and fp32 values")
-        table = (_CSR * len(deltas))(*[_CSR(d.crow.data_ptr(), d.col.data_ptr(), d.val.data_ptr()) for d in deltas])
+            if (d.kind != "sparse" or d.col.dtype != torch.int32 or d.crow.dtype != torch.int32
+                    or d.val.dtype not in (torch.float32, torch.bfloat16) or d.val.device.type != "cpu"):
+                raise ValueError("the kernel takes sparse deltas on CPU with int32 indices and fp32 or bf16 values")
+        table = (_CSR * len(deltas))(*[_CSR(d.crow.data_ptr(), d.col.data_ptr(), d.val.data_ptr(),
+                                            int(d.val.dtype == torch.bfloat16)) for d in deltas])
         d_out, d_in = shapes.pop()
         return Prepared(list(deltas), table, d_in, d_out)
 
@@ -77,8 +80,9 @@ class SparseDeltaKernel:
 
     def add(self, group: Prepared, row_start: torch.Tensor, rows: torch.Tensor, x: torch.Tensor,
             y: torch.Tensor, scratch: torch.Tensor) -> None:
-        """y[rows[row_start[t]:row_start[t+1]]] += Δ_t · x[same rows], in place.
-        row_start: (T + 1,) int32; rows: (n_a,) int32 row indices of x and y, grouped by adapter;
+        """y[rows[row_start[t]:row_start[t+1]]] += Δ_t · x[same rows], in place, for every adapter t.
+        row_start: (T + 1,) int32; rows: (n_a,) int32 row indices of x and y, grouped by adapter (a row may
+        stand under several adapters, never twice under one);
         x: (n, ≥ d_in) fp32, rows contiguous; y: (n, ≥ d_out) fp32, rows contiguous; scratch: ≥ (n_a + T)·d_in
         fp32 (``scratch_size``)."""
         if x.dtype != torch.float32 or y.dtype != torch.float32 or x.stride(1) != 1 or y.stride(1) != 1:

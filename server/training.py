@@ -136,6 +136,7 @@ def train_adapter(model, tokenizer, rows: Sequence[tuple[str, str]], cfg: TrainC
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # A's Kaiming init
     use_ella = cfg.regularizer == "ella" and bool(past)
+    budget = cfg.gate == "budget"  # hold the gate at N_LoRA entries from 0.2·S on (else the paper's learned θ)
     start, tokens, loss_value = time.monotonic(), 0, float("nan")
     with AttachedAdapter(model, cfg, past) as adapter:
         opt = torch.optim.AdamW(adapter.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
@@ -149,7 +150,7 @@ def train_adapter(model, tokenizer, rows: Sequence[tuple[str, str]], cfg: TrainC
                     break
                 if should_stop is not None and should_stop():
                     raise InterruptedError("training was cancelled")
-                if adapter.gated and (step == reset_at or (cfg.keep_budget and step > reset_at)):
+                if adapter.gated and (step == reset_at or (budget and step > reset_at)):
                     thetas = jl.reset_thresholds(list(adapter.layers.values()), adapter.threshold)
                 adapter.schedule.mix = jl.sparsity_mix(step, steps)
                 batch = [examples[j] for j in order[i:i + cfg.batch_size]]
@@ -165,7 +166,7 @@ def train_adapter(model, tokenizer, rows: Sequence[tuple[str, str]], cfg: TrainC
                 loss_value = float(loss.detach())
                 if on_progress is not None:
                     on_progress(Progress(step, steps, loss_value, adapter.gate_density(), adapter.theta(), tokens))
-        if adapter.gated and (reset_at >= steps or cfg.keep_budget):  # (re)set before export
+        if adapter.gated and (reset_at >= steps or budget):  # (re)set before export
             thetas = jl.reset_thresholds(list(adapter.layers.values()), adapter.threshold)
         deltas = {name: layer.export() for name, layer in adapter.layers.items()}
         lowrank = {} if adapter.gated else {

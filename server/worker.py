@@ -39,6 +39,48 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def stored_form(cfg, result) -> dict:
+    """A trained adapter as the store keeps it: JumpLoRA deltas compact (int32 positions, bf16 values), a dense
+    LoRA's factors as they are."""
+    from adapters_store import LowRankDelta, SparseDelta
+
+    if cfg.method == "jumplora":
+        return {k: SparseDelta.from_dense(d, compact=True) for k, d in result.deltas.items()}
+    return {k: LowRankDelta(a, b, s) for k, (a, b, s) in result.lowrank.items()}
+
+
+def task_meta(fingerprint: str, cfg, order: int, parents: list, metrics: dict, job_id: str | None) -> dict:
+    """The manifest fields of a trained task; ``parents``: the stored adapters of its route before it."""
+    return {
+        "base_fingerprint": fingerprint, "method": cfg.method, "regularizer": cfg.regularizer,
+        "rank": cfg.rank, "alpha": cfg.alpha, "targets": cfg.targets, "threshold_mode": cfg.threshold_mode,
+        "order": order, "parent": cfg.parent, "config": cfg.model_dump(), "metrics": metrics, "job_id": job_id,
+        "parents": [{"task": p.name, "sha256": p.manifest["tensors_sha256"]} for p in parents],
+    }
+
+
+def parent_route(store, parent: str, fingerprint: str, shapes: dict) -> list:
+    """The stored adapters a new task trains on and is served with (``TrainConfig.parent``), in order: every
+    readable task for ``@stack``, none for ``@base``, else the named task's own route (its parents, then it),
+    each checked to be the adapter that task was trained on."""
+    from adapters_store import StoreError
+
+    if parent == "@base":
+        return []
+    if parent == "@stack":
+        route = []
+        for name in store.names():
+            try:
+                route.append(store.get(name, fingerprint=fingerprint, layer_shapes=shapes))
+            except StoreError:
+                continue  # not served either
+        return route
+    try:
+        return store.lineage(parent, fingerprint=fingerprint, layer_shapes=shapes)
+    except StoreError as e:
+        raise ValueError(f"config.parent: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     ap = argparse.ArgumentParser(prog="python -m server.worker")
@@ -62,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> None:
     import torch
 
-    from adapters_store import AdapterStore, LowRankDelta, SparseDelta, StoreError
+    from adapters_store import AdapterStore
 
     from .model import load_base, merged_deltas
     from .schemas import TrainConfig
@@ -80,18 +122,14 @@ def run(args) -> None:
         raise RuntimeError("the worker's base model differs from the server's (fingerprint mismatch)")
     store = AdapterStore(args.store)
     shapes = {n: tuple(m.weight.shape) for n, m in base.model.named_modules() if isinstance(m, torch.nn.Linear)}
-    past: dict[str, torch.Tensor] = {}
-    parents, order = [], 0
-    for name in store.names():  # the current stack: every adapter the server can serve
-        try:
-            stored = store.get(name, fingerprint=base.fingerprint, layer_shapes=shapes)
-        except StoreError:
-            continue
-        parents.append({"task": name, "sha256": stored.manifest["tensors_sha256"]})
-        order = max(order, int(stored.manifest["order"]) + 1)
+    parents = parent_route(store, cfg.parent, base.fingerprint, shapes)
+    past: dict[str, torch.Tensor] = {}  # layer -> Σ of the parents' deltas, exactly as they are served
+    for stored in parents:
         for layer, delta in stored.deltas.items():
             dense = delta.to_dense()
             past[layer] = past[layer] + dense if layer in past else dense
+    orders = [int(m["order"]) for m in store.list()]
+    order = max(orders) + 1 if orders else 0
 
     start = time.monotonic()
 
@@ -101,7 +139,8 @@ def run(args) -> None:
 
     result = train_adapter(base.model, base.tokenizer, train, cfg, past=past or None, on_progress=progress)
     seconds = time.monotonic() - start
-    deltas = result.deltas
+    stored_deltas = stored_form(cfg, result)  # evaluated below exactly as it will be served
+    deltas = {k: d.to_dense() for k, d in stored_deltas.items()}
     nonzero = sum(int((d != 0).sum()) for d in deltas.values())
     overlap = sum(int(((d != 0) & (past[k] != 0)).sum()) for k, d in deltas.items() if k in past)
     metrics = {
@@ -112,24 +151,12 @@ def run(args) -> None:
         "train_tokens": result.metrics["train_tokens"], "train_tokens_per_s": result.metrics["train_tokens"] / seconds,
         "thresholds": result.metrics["thresholds"],
     }
-    if held:
+    if held:  # on the task's route (its parents' deltas and its own), the model a request naming it gets
         metrics["heldout_exact_match_base"] = exact_match(base.model, base.tokenizer, held)
-        with merged_deltas(base.model, deltas):
+        route = {k: deltas.get(k, 0) + past.get(k, 0) for k in set(deltas) | set(past)}
+        with merged_deltas(base.model, route):
             metrics["heldout_exact_match"] = exact_match(base.model, base.tokenizer, held)
-        if past:
-            stack = {k: deltas.get(k, 0) + past.get(k, 0) for k in set(deltas) | set(past)}
-            with merged_deltas(base.model, stack):
-                metrics["heldout_exact_match_stack"] = exact_match(base.model, base.tokenizer, held)
-    if cfg.method == "jumplora":
-        stored_deltas = {k: SparseDelta.from_dense(d) for k, d in deltas.items()}
-    else:
-        stored_deltas = {k: LowRankDelta(a, b, s) for k, (a, b, s) in result.lowrank.items()}
-    meta = {
-        "base_fingerprint": base.fingerprint, "method": cfg.method, "regularizer": cfg.regularizer,
-        "rank": cfg.rank, "alpha": cfg.alpha, "targets": cfg.targets, "threshold_mode": cfg.threshold_mode,
-        "order": order, "parents": parents, "config": cfg.model_dump(), "metrics": metrics, "job_id": job["id"],
-    }
-    store.put(task, stored_deltas, meta)
+    store.put(task, stored_deltas, task_meta(base.fingerprint, cfg, order, parents, metrics, job["id"]))
     emit("done", metrics=metrics)
 
 

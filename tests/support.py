@@ -25,38 +25,51 @@ def task_deltas(model, density: float, seed: int, targets=("q_proj", "v_proj")) 
 
 
 def put_task(store: AdapterStore, name: str, deltas: dict[str, torch.Tensor], fingerprint: str, order: int,
-             lowrank: dict | None = None, method: str = "jumplora") -> dict:
-    stored = {k: (LowRankDelta(*lowrank[k]) if lowrank else SparseDelta.from_dense(v)) for k, v in deltas.items()}
+             lowrank: dict | None = None, method: str = "jumplora", parents: list[str] = (),
+             compact: bool = True) -> dict:
+    """Store a task as the trainer does (compact sparse deltas, or low rank); ``parents``: the stored tasks it
+    counts as trained on, in order (its route before itself)."""
+    stored = {k: (LowRankDelta(*lowrank[k]) if lowrank else SparseDelta.from_dense(v, compact=compact))
+              for k, v in deltas.items()}
     nz = sum(int((v != 0).sum()) for v in deltas.values())
     total = sum(v.numel() for v in deltas.values())
     meta = {"base_fingerprint": fingerprint, "method": method, "regularizer": "incremental", "order": order,
-            "targets": ["q_proj", "v_proj"], "rank": 8, "alpha": 32.0, "parents": [], "config": {},
+            "targets": ["q_proj", "v_proj"], "rank": 8, "alpha": 32.0, "config": {},
+            "parents": [{"task": p, "sha256": store.manifest(p)["tensors_sha256"]} for p in parents],
             "metrics": {"density": nz / total, "nonzero": nz}}
     return store.put(name, stored, meta)
 
 
-def make_bank(model):
-    """A bank state with one task in each representation: sparse (3 %), dense (70 %) and low rank, plus the
-    dense-form reference delta of every adapter name (tasks, @stack, @base) for merged-model checks."""
-    from server.bank import BASE, STACK, TaskInfo, build_state, slot_delta
+def served_deltas(store: AdapterStore, name: str) -> dict[str, torch.Tensor]:
+    """A stored task's own delta per layer, dense, exactly as it is served (after the compact form's rounding)."""
+    return {k: d.to_dense() for k, d in store.get(name).deltas.items()}
 
-    sparse = task_deltas(model, 0.03, seed=1)
-    dense = task_deltas(model, 0.70, seed=2)
+
+def make_bank(model, folder, fingerprint: str = "test"):
+    """A bank state (through a real store in ``folder`` and the registry) with one task in each representation,
+    sparse (3 %), dense (70 %) and low rank, and a task trained on top of the sparse one ("chain-d", route
+    sparse-a + chain-d); plus the dense-form reference delta of every name (tasks' routes, @stack, @base) for
+    merged-model checks."""
+    from server.bank import BASE, STACK
+    from server.metrics import Metrics
+    from server.registry import Registry
+    from server.runner import projection_layout
+
+    store = AdapterStore(folder)
     g = torch.Generator().manual_seed(3)
+    sparse = task_deltas(model, 0.03, seed=1)
     lowrank = {name: (torch.randn(4, d.shape[1], generator=g) * 0.1, torch.randn(d.shape[0], 4, generator=g) * 0.1,
                       2.0) for name, d in sparse.items()}
-    lowrank_slots = {k: slot_delta(lowrank=v) for k, v in lowrank.items()}
-    forms = {"sparse-a": sparse, "dense-b": dense, "lowrank-c": {k: s.to_dense() for k, s in lowrank_slots.items()}}
-    tasks = []
-    for order, (name, form) in enumerate(forms.items()):
-        slots = lowrank_slots if name == "lowrank-c" else {k: slot_delta(v) for k, v in form.items()}
-        nz = sum(int((v != 0).sum()) for v in form.values())
-        total = sum(v.numel() for v in form.values())
-        tasks.append((TaskInfo(name, order, {"order": order}, nz, total, 0.0), slots))
-    weights = {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    state = build_state(weights, tasks, version=1)
-    refs = dict(forms)
-    refs[STACK] = {k: sum(f[k] for f in forms.values()) for k in sparse}
+    put_task(store, "sparse-a", sparse, fingerprint, 0)
+    put_task(store, "dense-b", task_deltas(model, 0.70, seed=2), fingerprint, 1)
+    put_task(store, "lowrank-c", sparse, fingerprint, 2, lowrank=lowrank, method="lora")
+    put_task(store, "chain-d", task_deltas(model, 0.03, seed=4), fingerprint, 3, parents=["sparse-a"])
+    registry = Registry(store, model, fingerprint, "cpu", Metrics(), projection_layout(model))
+    state = registry.refresh()
+    own = {name: served_deltas(store, name) for name in state.tasks}
+    refs = {name: {k: sum(own[t][k] for t in info.route if k in own[t]) for k in own[name]}
+            for name, info in state.tasks.items()}
+    refs[STACK] = {k: sum(d[k] for d in own.values()) for k in sparse}
     refs[BASE] = {}
     return state, refs
 

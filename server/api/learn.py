@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
 from ..datasets import check_lengths, check_rows, check_task_name, parse_jsonl
-from ..errors import Conflict, InvalidRequest, PayloadTooLarge
+from ..errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, StorageError
 from ..model import target_linears
 from ..schemas import JobInfo, JobList, LearnAccepted, TrainConfig, learn_openapi
 from .deps import Ready, require_admin, require_read
@@ -86,6 +86,14 @@ async def learn(request: Request, state: Ready) -> LearnAccepted:
     name, rows, cfg = await _parse(request, state.settings)
     if state.jobs.task_taken(name):
         raise Conflict(f"task {name!r} already exists or is being trained", param="name")
+    served = state.engine.state.tasks
+    if cfg.parent not in ("@stack", "@base") and cfg.parent not in served:
+        raise NotFound(f"config.parent: task {cfg.parent!r} is not served", param="config.parent")
+    pending = sum(j.status in ("queued", "running") for j in state.jobs.list())
+    if len(served) + pending >= state.settings.max_tasks:
+        raise StorageError(f"the server holds {len(served)} task(s) and {pending} queued or running job(s), "
+                           f"max_tasks={state.settings.max_tasks}: delete a task or raise max_tasks",
+                           param="name")
     try:
         target_linears(state.base.model, cfg.targets)
     except ValueError as e:

@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 
-from ..errors import NotFound
+from ..errors import Conflict, NotFound
 from ..schemas import TaskDeleted, TaskDetail, TaskList, TaskSummary
 from .deps import Ready, require_admin, require_read
 
@@ -12,10 +12,11 @@ router = APIRouter(tags=["tasks"])
 
 def _summary(info, cls=TaskSummary, served=()):
     m = info.manifest
-    missing = [p.get("task") for p in m.get("parents", []) if p.get("task") not in served]
+    missing = [p.get("task") for p in m.get("parents", []) if isinstance(p, dict) and p.get("task") not in served]
     extra = {}
     if cls is TaskDetail:
-        extra = {"parents": m.get("parents", []), "config": m.get("config", {}),
+        extra = {"parents": m.get("parents", []), "config": m.get("config", {}), "route": list(info.route),
+                 "memory_bytes": info.nbytes,
                  "base_fingerprint": m.get("base_fingerprint"), "tensors_sha256": m.get("tensors_sha256")}
     return cls(name=info.name, created_at=m.get("created_at"), method=m.get("method"),
                regularizer=m.get("regularizer"), order=info.order, nonzero_params=info.nonzero,
@@ -42,8 +43,20 @@ def get_task(name: str, state: Ready) -> TaskDetail:
 @router.delete("/v1/tasks/{name}", response_model=TaskDeleted, dependencies=[Depends(require_admin)])
 async def delete_task(name: str, state: Ready) -> TaskDeleted:
     """Stop serving a task and move its folder to the store's trash (recoverable by hand); ``@stack`` is
-    recomputed. Requests already running on it finish; tasks trained on top of it are flagged."""
-    if name not in state.engine.state.tasks:
+    recomputed. Requests already running on it finish. Refused (409) while another served task's route holds
+    it or a running job trains on top of it: deleting it would change what those answer."""
+    tasks = state.engine.state.tasks
+    if name not in tasks:
         raise NotFound(f"task {name!r} is not served", param="name")
+    children = [t.name for t in tasks.values() if name in t.route[:-1]]
+    if children:
+        raise Conflict(f"task {name!r} is part of the route of {len(children)} served task(s) "
+                       f"({', '.join(children[:5])}); delete those first", param="name")
+    for job in state.jobs.list():
+        parent = job.config.get("parent", "@stack")
+        if job.status == "running" and (parent == "@stack" or parent == name or
+                                        (parent in tasks and name in tasks[parent].route)):
+            raise Conflict(f"job {job.id} is training task {job.task!r} on top of {name!r}; wait for it or "
+                           "cancel it", param="name")
     trashed = await run_in_threadpool(state.delete_task, name)
     return TaskDeleted(name=name, trash=str(trashed))

@@ -19,18 +19,28 @@ def test_summary_takes_the_median_of_the_repeats_and_the_table_gives_the_ratios(
     assert rows["tasks"]["tok_s"] == 95.0 and rows["tasks"]["repeats"] == 3 and rows["tasks"]["p50_s"] == 2.0
     assert rows["tasks"]["step_ms"] == 20.0
     table = serving.table({"runs": runs})
-    assert "(b)/(a) at 8: 0.950" in table and "| 20.0 |" in table
+    assert "(b)/(a) at 8: 0.950" in table and "| 20.0 |" in table and "(b) 8-task chain" in table
 
 
 def test_benchmark_runs_every_case_on_the_tiny_model(tiny_model_dir, tmp_path):
     out = tmp_path / "serving.json"
     assert serving.main(["--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache"),
                          "--concurrency", "1", "3", "--requests-per-stream", "1", "--repeat", "2",
-                         "--min-new", "2", "--max-new", "5", "--out", str(out)]) == 0
+                         "--min-new", "2", "--max-new", "5", "--chain", "3", "--adapters", "5",
+                         "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     runs = results["runs"]
     assert {(r["case"], r["concurrency"]) for r in runs} == {
-        (c, s) for c in ("base", "tasks", "stack", "hf") for s in (1, 3)}
+        (c, s) for c in ("base", "tasks", "many", "stack", "hf") for s in (1, 3)}
+    # the adapters are the trainer's: a chain (each on top of those before it) and independent ones
+    adapters = results["adapters"]
+    assert adapters["chain"] == ["chain-0", "chain-1", "chain-2"] and len(adapters["independent"]) == 5
+    from adapters_store import AdapterStore
+    store = AdapterStore(adapters["store"])
+    assert [p["task"] for p in store.manifest("chain-2")["parents"]] == ["chain-0", "chain-1"]
+    assert store.manifest("solo-0")["parents"] == [] and store.manifest("solo-0")["config"]["gate"] == "budget"
+    m = store.manifest("solo-4")["metrics"]
+    assert m["nonzero"] <= m["n_lora"]  # the budget
     assert sum(r["case"] == "tasks" for r in runs) == 4  # two concurrencies, two repeats
     requested = sum(n for _, n in serving.make_requests(8, 2, 5, 0))
     for r in runs:
@@ -40,4 +50,4 @@ def test_benchmark_runs_every_case_on_the_tiny_model(tiny_model_dir, tmp_path):
             assert r["steps"] >= longest - 1 and r["step_ms"] > 0, r  # the first token comes from the prefill
         assert r["tokens"] == requested, r  # every request generated exactly what it asked for
         assert r["tok_s"] > 0
-    assert len(results["summary"]) == 8
+    assert len(results["summary"]) == 10

@@ -7,19 +7,19 @@ import time
 import pytest
 import torch
 
-from server.bank import BASE, STACK, build_state
+from server.bank import BASE, STACK, build_state, make_stack
 from server.engine import Engine, Failed, Finished, Token
 from server.errors import BadRequest, NotFound, Overloaded
 from server.metrics import Metrics
 from server.model import merged_deltas
-from server.runner import ModelRunner
+from server.runner import ModelRunner, projection_layout
 from server.sampling import SamplingParams
 from support import make_bank
 
 
 @pytest.fixture(scope="module")
-def bank(tiny_base):
-    return make_bank(tiny_base.model)
+def bank(tiny_base, tmp_path_factory):
+    return make_bank(tiny_base.model, tmp_path_factory.mktemp("bank-store"), tiny_base.fingerprint)
 
 
 def make_engine(base, state, *, start=True, max_batch=8, max_queue=64, max_len=128, prefill_budget=256,
@@ -72,7 +72,8 @@ def reference_greedy(base, refs, task, prompt, n):
 
 
 MIX = [("sparse-a", "the cat sat", 9), ("dense-b", "on a mat", 4), (BASE, "hello", 12),
-       (STACK, "zz top", 7), ("lowrank-c", "abc def ghi", 10), ("sparse-a", "q", 3), (STACK, "more text", 11)]
+       (STACK, "zz top", 7), ("lowrank-c", "abc def ghi", 10), ("sparse-a", "q", 3), (STACK, "more text", 11),
+       ("chain-d", "a chained task", 9)]
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["torch", "kernel"])  # the decode rows' sparse deltas
@@ -82,10 +83,10 @@ def test_continuous_batching_matches_alone_and_merged_reference(tiny_base, bank,
     # Fewer rows than requests: some wait, then join the running batch.
     kernel = request.getfixturevalue("sparse_kernel") if compiled else None
     engine = make_engine(tiny_base, state, max_batch=4, prefill_budget=prefill_budget, kernel=kernel)
-    assert engine._kernel is kernel
+    assert (engine._kernel.kernel if engine._kernel else None) is kernel
     try:
         reqs = [(task, prompt, SamplingParams(max_new_tokens=n)) for task, prompt, n in MIX]
-        together = run(engine, reqs, delays=[0, 0, 0.05, 0.1, 0.1, 0.2, 0.3])
+        together = run(engine, reqs, delays=[0, 0, 0.05, 0.1, 0.1, 0.2, 0.3, 0.3])
         for (task, prompt, n), (tokens, text, fin) in zip(MIX, together):
             alone_tokens, alone_text, _ = run(engine, [(task, prompt, SamplingParams(max_new_tokens=n))])[0]
             assert tokens == alone_tokens, task
@@ -205,10 +206,15 @@ def test_new_state_serves_new_requests_and_leaves_requests_in_flight_alone(tiny_
     state, refs = bank
     engine = make_engine(tiny_base, state)
     # A second state without the dense task: @stack changes.
-    tasks = [(info, {k: v[state.slots[name]] for k, v in state.layers.items()})
-             for name, info in state.tasks.items() if name != "dense-b"]
+    sums = {}
+    for name in state.tasks:
+        if name != "dense-b":
+            for layers, delta in state.route(name)[-1].groups.items():
+                sums.setdefault(layers, torch.zeros(delta.shape)).add_(delta.to_dense())
     weights = {n: m.weight for n, m in tiny_base.model.named_modules() if isinstance(m, torch.nn.Linear)}
-    smaller = build_state(weights, tasks, version=2)
+    stack = make_stack(sums, weights, projection_layout(tiny_base.model))
+    smaller = build_state([(info, state.route(name)) for name, info in state.tasks.items() if name != "dense-b"],
+                          stack, version=2)
     try:
         before = run(engine, [(STACK, "steady", SamplingParams(max_new_tokens=30))])[0][0]
 
@@ -221,7 +227,7 @@ def test_new_state_serves_new_requests_and_leaves_requests_in_flight_alone(tiny_
             return [first.token_id] + tokens
         assert asyncio.run(main()) == before
         after = run(engine, [(STACK, "steady", SamplingParams(max_new_tokens=30))])[0][0]
-        stack_without_b = {k: refs["sparse-a"][k] + refs["lowrank-c"][k] for k in refs["sparse-a"]}
+        stack_without_b = {k: refs[STACK][k] - refs["dense-b"][k] for k in refs["sparse-a"]}
         assert after == reference_greedy(tiny_base, {STACK: stack_without_b}, STACK, "steady", 30)
         with pytest.raises(NotFound):
             engine.submit("dense-b", "x", SamplingParams(), "test", asyncio.new_event_loop())

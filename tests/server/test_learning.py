@@ -31,6 +31,20 @@ def greedy(server, task, prompt, n=8):
     return r.json()["text"]
 
 
+def reproduce_heldout(server, task, rows, config):
+    """Exact match of greedy generations naming ``task`` over the rows the job held out (the worker's split)."""
+    from server.training import normalize
+    from server.worker import split_rows
+
+    _, held = split_rows([(r["prompt"], r["completion"]) for r in rows], config["eval_fraction"], config["seed"])
+    hits = 0
+    for prompt, completion in held:
+        r = httpx.post(server.url + "/v1/generate", timeout=60,
+                       json={"task": task, "prompt": prompt, "max_new_tokens": len(completion) + 2})
+        hits += normalize(r.json()["text"]) == normalize(completion)
+    return hits / len(held)
+
+
 def file_digests(store):
     return {str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(store.rglob("*")) if p.is_file() and not p.relative_to(store).parts[0].startswith(".")}
@@ -87,6 +101,10 @@ def test_learn_a_task_while_serving_and_keep_earlier_ones_intact(tiny_model_dir,
     assert [greedy(server, "toy", p) for p in probes] == before_out
     detail = httpx.get(server.url + "/v1/tasks/toy-upper").json()
     assert detail["order"] == 1 and detail["parents"] == [{"task": "toy", "sha256": info["tensors_sha256"]}]
+    assert detail["route"] == ["toy", "toy-upper"]  # served with the delta it was trained on, and its own
+    # The job's held-out figure is what a user gets: the same rows through /v1/generate naming the task.
+    assert reproduce_heldout(server, "toy-upper", flipped, TOY_CONFIG) == job2["metrics"]["heldout_exact_match"]
+    assert job2["metrics"]["heldout_exact_match"] >= 0.75, job2["metrics"]
     metrics = httpx.get(server.url + "/metrics").text
     assert 'jumplora_jobs{state="succeeded"} 2.0' in metrics
     assert "jumplora_register_seconds_count 2.0" in metrics
@@ -171,3 +189,36 @@ def test_restart_marks_the_running_job_interrupted_and_runs_the_queued_one(tiny_
     assert wait_job(again, second)["status"] == "succeeded"
     assert [t["name"] for t in httpx.get(again.url + "/v1/tasks").json()["tasks"]] == ["after"]
     assert not (tmp_path / "store" / "killed").exists()
+
+
+def test_parents_routes_deletion_order_and_max_tasks(tiny_model_dir, start_server):
+    """``config.parent``: @stack (default), @base, or a task (a branch); each task is served with its route; a
+    task in another's route cannot be deleted first; ``max_tasks`` refuses one more with 507."""
+    server = start_server(tiny_model_dir, extra_args=["--max-tasks", "3"])
+    quick = {**TOY_CONFIG, "epochs": 2}
+
+    def run(name, parent=None):
+        r = learn(server, name, config={**quick, **({"parent": parent} if parent else {})})
+        assert r.status_code == 202, r.text
+        assert wait_job(server, r.json()["job_id"])["status"] == "succeeded"
+        return httpx.get(f"{server.url}/v1/tasks/{name}").json()
+
+    def error(r):
+        return r.status_code, r.json()["error"]["param"]
+
+    assert error(learn(server, "x", config={"parent": "@nope"})) == (422, "config.parent")
+    assert error(learn(server, "x", config={"parent": "missing"})) == (404, "config.parent")
+    a = run("a")
+    b = run("b", "@base")
+    c = run("c", "a")
+    assert [a["route"], b["route"], c["route"]] == [["a"], ["b"], ["a", "c"]]
+    assert b["parents"] == [] and [p["task"] for p in c["parents"]] == ["a"]
+    assert error(learn(server, "d", config=quick)) == (507, "name")  # max_tasks=3
+    r = httpx.delete(server.url + "/v1/tasks/a")
+    assert error(r) == (409, "name") and "(c)" in r.json()["error"]["message"]
+    before = greedy(server, "c", "item: kiwi (f)\nclass:")
+    assert httpx.delete(server.url + "/v1/tasks/b").status_code == 200  # nobody's parent: @stack changes only
+    assert greedy(server, "c", "item: kiwi (f)\nclass:") == before
+    assert httpx.delete(server.url + "/v1/tasks/c").status_code == 200
+    assert httpx.delete(server.url + "/v1/tasks/a").status_code == 200
+    assert httpx.get(server.url + "/v1/tasks").json()["tasks"] == []

@@ -82,7 +82,7 @@ def test_export_from_the_store_on_the_command_line(tiny_model_dir, tiny_base, tm
 
     from adapters_store import AdapterStore
     from server.model import merged_deltas
-    from support import put_task, task_deltas
+    from support import put_task, served_deltas, task_deltas
 
     store = AdapterStore(tmp_path / "store")
     deltas = task_deltas(tiny_base.model, 0.05, seed=4)
@@ -93,9 +93,19 @@ def test_export_from_the_store_on_the_command_line(tiny_model_dir, tiny_base, tm
     assert done.returncode == 0, done.stderr
     from transformers import AutoModelForCausalLM
     exported = AutoModelForCausalLM.from_pretrained(out)
-    with merged_deltas(tiny_base.model, deltas):
+    with merged_deltas(tiny_base.model, served_deltas(store, "t")):  # as stored (compact) and served
         for name, param in tiny_base.model.state_dict().items():
             assert torch.allclose(exported.state_dict()[name], param, atol=1e-7), name
     again = subprocess.run([sys.executable, "-m", "server.export", "--store", str(store.root), "--model",
                             str(tiny_model_dir), "t", str(out)], capture_output=True, text=True)
     assert again.returncode == 1 and "not empty" in again.stderr
+    # a task trained on "t" is exported with its route, as it is served: both deltas
+    put_task(store, "u", task_deltas(tiny_base.model, 0.05, seed=5), tiny_base.fingerprint, 1, parents=["t"])
+    done = subprocess.run([sys.executable, "-m", "server.export", "--store", str(store.root), "--model",
+                           str(tiny_model_dir), "u", str(tmp_path / "out-u")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out-u")
+    t, u = served_deltas(store, "t"), served_deltas(store, "u")
+    with merged_deltas(tiny_base.model, {k: t[k] + u[k] for k in t}):
+        for name, param in tiny_base.model.state_dict().items():
+            assert torch.allclose(exported.state_dict()[name], param, atol=1e-6), name

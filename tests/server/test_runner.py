@@ -1,11 +1,12 @@
 """The runner and the adapter bank: every row of a mixed batch equals that request run alone (greedy tokens,
-logits within 1e-4 in fp32), and equals a plain copy of the model with the delta merged into its weights."""
+logits within 1e-4 in fp32), and equals a plain copy of the model with its route's deltas merged into its
+weights (a task trained on another is served with both)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from server.bank import BASE, STACK, BlockTables, RowPlan, StepPlan
+from server.bank import BASE, KERNEL_MAX_ROWS, STACK, KernelTables, Plan
 from server.model import merged_deltas
 from server.runner import ModelRunner
 from support import make_bank
@@ -15,28 +16,33 @@ PROMPTS = ["the cat sat", "on a mat with", "x", "hello there, friend", "abc def"
 
 
 @pytest.fixture(scope="module")
-def bank(tiny_base):
-    return make_bank(tiny_base.model)
+def bank(tiny_base, tmp_path_factory):
+    return make_bank(tiny_base.model, tmp_path_factory.mktemp("bank-store"), tiny_base.fingerprint)
 
 
-def test_representations_are_as_intended(bank):
+def test_representations_and_routes_are_as_intended(bank):
     state, _ = bank
-    layer = "model.layers.0.self_attn.q_proj"
-    kinds = [state.layers[layer][state.slots[n]].kind for n in ("sparse-a", "dense-b", "lowrank-c", STACK)]
+    qkv = next(iter(state.route("sparse-a")[0].groups))
+    kinds = [state.route(n)[-1].groups[qkv].kind for n in ("sparse-a", "dense-b", "lowrank-c", STACK)]
     assert kinds == ["sparse", "dense", "lowrank", "dense"]
-    assert layer in state.stack_weights
+    assert state.route("sparse-a")[0].groups[qkv].val.dtype == torch.bfloat16  # stored and served compact
+    assert "model.layers.0.self_attn.q_proj" in state.stack.merged
+    # a task trained on another: both deltas, the parent's the very adapter its own route serves
+    assert [a.name for a in state.route("chain-d")] == ["sparse-a", "chain-d"]
+    assert state.route("chain-d")[0] is state.route("sparse-a")[0]
+    assert state.tasks["chain-d"].route == ("sparse-a", "chain-d") and state.route(BASE) == ()
 
 
 def test_stack_products_copy_only_the_groups_that_tasks_adapt(tiny_base, bank):
     state, _ = bank
     runner = ModelRunner(tiny_base.model, max_rows=2, max_len=16)
     qkv, o = runner.groups[0][("q_proj", "k_proj", "v_proj")], runner.groups[0][("o_proj",)]
-    assert state.stack_linear(*o) is o[1]  # o_proj is not a target: the base product itself
-    merged = state.stack_linear(*qkv)
-    assert merged is not qkv[1] and merged is state.stack_linear(*qkv)  # built once
+    assert state.stack.merged_linear(*o) is o[1]  # o_proj is not a target: the base product itself
+    merged = state.stack.merged_linear(*qkv)
+    assert merged is not qkv[1] and merged is state.stack.merged_linear(*qkv)  # built once
     x = torch.randn(3, qkv[1].parts[0][0].shape[1])
     q_path = qkv[0][0]
-    assert torch.allclose(merged(x)[:, :qkv[1].widths[0]], x @ state.stack_weights[q_path].T, atol=1e-5)
+    assert torch.allclose(merged(x)[:, :qkv[1].widths[0]], x @ state.stack.merged[q_path].T, atol=1e-5)
 
 
 def _greedy(runner, plan_rows, prompts_ids, steps, kernel=None):
@@ -45,10 +51,10 @@ def _greedy(runner, plan_rows, prompts_ids, steps, kernel=None):
     logits that chose each (first from the prefill)."""
     tokens, logits = [], []
     for row, (adapter, ids) in enumerate(zip(plan_rows, prompts_ids)):
-        lg = runner.prefill(row, ids, StepPlan(None, [(0, len(ids), adapter)]))
+        lg = runner.prefill(row, ids, Plan([], [(0, len(ids), adapter)], runner.device, kernel))
         tokens.append([int(lg.argmax())])
         logits.append([lg])
-    plan = StepPlan(RowPlan(plan_rows, runner.device, kernel=kernel), [])
+    plan = Plan(plan_rows, (), runner.device, kernel)
     positions = torch.tensor([len(ids) for ids in prompts_ids])
     for _ in range(steps):
         lg = runner.decode(torch.tensor([t[-1] for t in tokens]), positions, plan)
@@ -61,6 +67,7 @@ def _greedy(runner, plan_rows, prompts_ids, steps, kernel=None):
 
 @pytest.mark.parametrize("mix", [
     ["sparse-a", "dense-b", "lowrank-c", STACK, BASE, "sparse-a"],
+    ["sparse-a", "chain-d", BASE, "chain-d"],
     ["sparse-a", "sparse-a", BASE],
     [STACK, STACK, STACK],
 ])
@@ -70,7 +77,7 @@ def test_mixed_batch_rows_equal_alone_and_merged_reference(tiny_base, bank, mix,
     runner = ModelRunner(tiny_base.model, max_rows=8, max_len=64)
     tok = tiny_base.tokenizer
     ids = [tok(p)["input_ids"] for p in PROMPTS[:len(mix)]]
-    rows = [(state, state.slot_of(name)) for name in mix]
+    rows = [state.route(name) for name in mix]
     kernel = request.getfixturevalue("sparse_kernel") if compiled else None
     mixed_tokens, mixed_logits = _greedy(runner, rows, ids, STEPS, kernel)
     for i, name in enumerate(mix):
@@ -93,12 +100,12 @@ def test_rows_leaving_and_moving_keep_their_cache(tiny_base, bank):
     runner = ModelRunner(tiny_base.model, max_rows=4, max_len=64)
     tok = tiny_base.tokenizer
     ids = [tok(p)["input_ids"] for p in PROMPTS[:3]]
-    rows = [(state, state.slot_of(n)) for n in ("sparse-a", "dense-b", "lowrank-c")]
+    rows = [state.route(n) for n in ("sparse-a", "dense-b", "lowrank-c")]
     expected, _ = _greedy(runner, [rows[2]], [ids[2]], STEPS)
     tokens, _ = _greedy(runner, rows, ids, 2)  # three rows, two steps
     runner.cache.move_row(2, 0, len(ids[2]) + 2)  # row 0 leaves; row 2 moves to 0; row 1 stays
     seq = tokens[2]
-    plan = StepPlan(RowPlan([rows[2], rows[1]], runner.device), [])
+    plan = Plan([rows[2], rows[1]], (), runner.device)
     pos = torch.tensor([len(ids[2]) + 2, len(ids[1]) + 2])
     last = torch.tensor([tokens[2][-1], tokens[1][-1]])
     for _ in range(STEPS - 2):
@@ -110,8 +117,8 @@ def test_rows_leaving_and_moving_keep_their_cache(tiny_base, bank):
 
 
 def _reference(refs, names, paths, widths, x):
-    """The slow per-row reference: each row's dense delta of each layer in the group times its input, the layers'
-    outputs side by side: (len(names), Σ widths)."""
+    """The slow per-position reference: each position's dense route delta of each layer in the group times its
+    input, the layers' outputs side by side: (len(names), Σ widths)."""
     out = torch.zeros(len(names), sum(widths))
     for i, name in enumerate(names):
         start = 0
@@ -122,102 +129,48 @@ def _reference(refs, names, paths, widths, x):
     return out
 
 
-@pytest.mark.parametrize("mix", [
-    ["sparse-a", "sparse-a", "sparse-a", BASE, "dense-b", "sparse-a"],  # by adapter, a base row left out
-    ["sparse-a", STACK, "sparse-a", STACK, "lowrank-c", "dense-b"],  # mixed kinds
-    ["sparse-a", "sparse-a"],  # every row adapted
+@pytest.mark.parametrize("compiled", [False, True], ids=["torch", "kernel"])
+@pytest.mark.parametrize("mix, segments", [
+    (["sparse-a", "sparse-a", "sparse-a", BASE, "dense-b", "sparse-a"], []),
+    (["sparse-a", STACK, "chain-d", STACK, "lowrank-c", "dense-b"], []),
+    (["chain-d", "chain-d"], [("sparse-a", 3), ("chain-d", 2), (BASE, 2)]),  # prompt segments after the rows
+    ([], [("chain-d", KERNEL_MAX_ROWS + 5), ("sparse-a", 4)]),  # a long prompt chunk: torch's product for it
 ])
-def test_both_plan_layouts_equal_the_per_row_reference(tiny_base, bank, mix, sparse_kernel):
-    """RowPlan.add by row, by adapter and through the compiled kernel against the slow reference: each row's
-    dense delta times its input."""
+def test_plans_equal_the_per_position_reference(tiny_base, bank, mix, segments, compiled, request):
+    """Plan.project against the slow reference, for every projection group: decode rows and prompt segments,
+    one route or several, through the compiled kernel or torch's products."""
     state, refs = bank
     runner = ModelRunner(tiny_base.model, max_rows=8, max_len=64)
-    rows = [(state, state.slot_of(name)) for name in mix]
+    kernel = request.getfixturevalue("sparse_kernel") if compiled else None
+    names, spans, offset = list(mix), [], len(mix)
+    for name, length in segments:
+        spans.append((offset, offset + length, state.route(name)))
+        names += [name] * length
+        offset += length
+    plan = Plan([state.route(n) for n in mix], spans, runner.device, kernel)
     g = torch.Generator().manual_seed(5)
     for group in runner.groups:
         for paths, lin in group.values():
-            d_in = lin.parts[0][0].shape[1]
-            x = torch.randn(len(mix), d_in, generator=g)
-            y0 = torch.randn(len(mix), sum(lin.widths), generator=g)
-            expected = y0 + _reference(refs, mix, paths, lin.widths, x)
-            layouts = []
-            for by_adapter in (False, True):
-                plan = RowPlan(rows, runner.device)
-                plan.by_adapter = plan.by_adapter and by_adapter
-                if by_adapter and not plan.by_adapter:
-                    continue
-                y = y0.clone()
-                plan.add(paths, lin.widths, x, y)
-                assert torch.allclose(y, expected, atol=1e-5), (paths, by_adapter, float((y - expected).abs().max()))
-                layouts.append(by_adapter)
-            assert layouts == [False, True]  # each mix shares adapters enough for both layouts
-            y = y0.clone()
-            RowPlan(rows, runner.device, kernel=sparse_kernel).add(paths, lin.widths, x, y)
-            assert torch.allclose(y, expected, atol=1e-5), (paths, "kernel", float((y - expected).abs().max()))
+            x = torch.randn(len(names), lin.parts[0][0].shape[1], generator=g)
+            expected = lin(x) + _reference(refs, names, paths, lin.widths, x)
+            got = plan.project(paths, lin, x)
+            assert torch.allclose(got, expected, atol=1e-5), (paths, float((got - expected).abs().max()))
 
 
-def test_a_batch_change_that_keeps_the_adapters_keeps_the_block_products(tiny_base, bank):
-    """Rows leave and join every few steps at 16-32 streams, mostly without changing the set of adapters: the block
-    products stay (and stay right); a new set of adapters rebuilds them."""
-    state, refs = bank
+def test_kernel_tables_are_kept_while_the_adapters_stay(tiny_base, bank, sparse_kernel):
+    """Rows join and leave every few steps at 16-32 streams, mostly without changing the set of adapters: the
+    kernel's per-group tables (which depend on the adapters alone) are built once."""
+    state, _ = bank
     runner = ModelRunner(tiny_base.model, max_rows=8, max_len=64)
-    tables = BlockTables(8, runner.device)
+    tables = KernelTables(sparse_kernel)
     paths, lin = runner.groups[0][("q_proj", "k_proj", "v_proj")]
-    d_in = lin.parts[0][0].shape[1]
-    a = (state, state.slot_of("sparse-a"))
-    s = (state, state.slot_of(STACK))
-    first = RowPlan([a, a, a], runner.device, tables)
-    second = RowPlan([a, (state, -1), a], runner.device, tables, previous=first)  # one left, a @base row joined
-    third = RowPlan([a, s, a, s], runner.device, tables, previous=second)  # @stack joined: other adapters
-    assert first.by_adapter and second.by_adapter and third.by_adapter
-    g = torch.Generator().manual_seed(9)
-    for plan, names in ((first, ["sparse-a"] * 3), (second, ["sparse-a", BASE, "sparse-a"]),
-                        (third, ["sparse-a", STACK, "sparse-a", STACK])):
-        x = torch.randn(len(names), d_in, generator=g)
-        y = torch.zeros(len(names), sum(lin.widths))
-        plan.add(paths, lin.widths, x, y)
-        expected = _reference(refs, names, paths, lin.widths, x)
-        assert torch.allclose(y, expected, atol=1e-5), names
-    assert second._prepared is first._prepared  # reused: same adapters
-    assert third._prepared is not second._prepared  # rebuilt: another set of adapters
-
-
-def test_a_batch_change_that_keeps_the_adapters_keeps_the_kernel_tables(tiny_base, bank, sparse_kernel):
-    """The same with the compiled kernel: its per-group CSR tables depend on the adapters alone, its row lists
-    on the batch."""
-    state, refs = bank
-    runner = ModelRunner(tiny_base.model, max_rows=8, max_len=64)
-    paths, lin = runner.groups[0][("q_proj", "k_proj", "v_proj")]
-    d_in = lin.parts[0][0].shape[1]
-    a, s, base = (state, state.slot_of("sparse-a")), (state, state.slot_of(STACK)), (state, -1)
-    first = RowPlan([a, base, a], runner.device, kernel=sparse_kernel)
-    second = RowPlan([base, a, a, a, a, a], runner.device, kernel=sparse_kernel, previous=first)
-    third = RowPlan([a, s, base, a], runner.device, kernel=sparse_kernel, previous=second)  # @stack is dense here
-    g = torch.Generator().manual_seed(11)
-    for plan, names in ((first, ["sparse-a", BASE, "sparse-a"]),
-                        (second, [BASE] + ["sparse-a"] * 5),
-                        (third, ["sparse-a", STACK, BASE, "sparse-a"])):
-        x = torch.randn(len(names), d_in, generator=g)
-        y = torch.zeros(len(names), sum(lin.widths))
-        plan.add(paths, lin.widths, x, y)
-        assert torch.allclose(y, _reference(refs, names, paths, lin.widths, x), atol=1e-5), names
-    assert second._prepared is first._prepared and third._prepared is not second._prepared
-
-
-def test_block_table_grows_for_a_denser_block_and_shrinks_when_it_leaves():
-    from server.bank import BlockTable, slot_delta
-
-    g = torch.Generator().manual_seed(4)
-
-    def delta(density):
-        return slot_delta(torch.randn(6, 5, generator=g) * (torch.rand(6, 5, generator=g) < density),
-                          dense_above=1.0)
-    sparse_a, sparse_b, dense = delta(0.2), delta(0.2), delta(0.9)
-    table = BlockTable(6, 5, max_rows=3, device=torch.device("cpu"))
-    x = torch.randn(3, 5, generator=g)
-    for blocks in ([sparse_a, sparse_b], [sparse_a, dense, sparse_b], [sparse_b, sparse_a]):
-        m = table.matrix(blocks)
-        expected = torch.cat([b.to_dense() @ x[i] for i, b in enumerate(blocks)])
-        assert torch.allclose(m @ x[:len(blocks)].reshape(-1), expected, atol=1e-6)
-        assert table.capacity >= max(b.nnz for b in blocks)
-        assert table.capacity <= 2 * max(b.nnz for b in blocks) + 1  # padding stays within twice the need
+    x = torch.randn(4, lin.parts[0][0].shape[1])
+    a, d = state.route("sparse-a"), state.route("chain-d")
+    first = Plan([a, d, a], (), runner.device, tables)
+    second = Plan([d, a, (), a], (), runner.device, tables)  # one row joined, the same adapters
+    first.project(paths, lin, x[:3])
+    second.project(paths, lin, x)
+    assert first._groups[paths][0][0] is second._groups[paths][0][0]
+    third = Plan([a], (), runner.device, tables)  # another set of adapters
+    third.project(paths, lin, x[:1])
+    assert third._groups[paths][0][0] is not first._groups[paths][0][0]

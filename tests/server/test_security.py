@@ -111,12 +111,14 @@ def test_hostile_names_are_refused(keyed, name):
     assert r.status_code == 422 and r.json()["error"]["param"] == "name"
 
 
-def test_delete_task_moves_it_to_the_trash_and_flags_later_tasks(tiny_model_dir, start_server, tmp_path):
+def test_delete_task_moves_it_to_the_trash(tiny_model_dir, start_server, tmp_path):
+    """Deleting a task that no other task's route holds ("second" trained on the base alone; the refusal of a
+    parent's deletion is tests/server/test_learning.py's)."""
     server = start_server(tiny_model_dir)
 
     def learn(name):
         job = httpx.post(server.url + "/v1/tasks", json={"name": name, "data": toy_rows(),
-                                                         "config": {**TOY_CONFIG, "epochs": 3}}).json()
+                                                         "config": {**TOY_CONFIG, "epochs": 3, "parent": "@base"}}).json()
         deadline = time.monotonic() + 120
         while httpx.get(f"{server.url}/v1/jobs/{job['job_id']}").json()["status"] != "succeeded":
             assert time.monotonic() < deadline
@@ -131,7 +133,7 @@ def test_delete_task_moves_it_to_the_trash_and_flags_later_tasks(tiny_model_dir,
     assert "/.trash/first-" in trash and (tmp_path / "store" / ".trash").is_dir()
     assert not (tmp_path / "store" / "first").exists()
     tasks = httpx.get(server.url + "/v1/tasks").json()["tasks"]
-    assert [t["name"] for t in tasks] == ["second"] and tasks[0]["trained_on_deleted"] == ["first"]
+    assert [t["name"] for t in tasks] == ["second"] and tasks[0]["trained_on_deleted"] == []
     assert httpx.post(server.url + "/v1/generate", json={"task": "first", "prompt": "x"}).status_code == 404
     stack_after = httpx.post(server.url + "/v1/generate", json={"task": "@stack", "prompt": "item: a (f)\nclass:",
                                                                 "max_new_tokens": 8}).json()["text"]

@@ -50,8 +50,9 @@ def test_tiny_llama_learns_toy_mapping_sparsely(tiny_base, method):
         assert result.metrics["density"] > 0.99
 
 
-def test_keep_budget_holds_exactly_n_lora_entries(tiny_base):
-    cfg = TrainConfig(learning_rate=1e-2, batch_size=6, epochs=60, seed=2, keep_budget=True)
+def test_the_default_budget_gate_holds_exactly_n_lora_entries(tiny_base):
+    cfg = TrainConfig(learning_rate=1e-2, batch_size=6, epochs=60, seed=2)
+    assert cfg.gate == "budget" and cfg.parent == "@stack"
     seen = []
     result = train_adapter(tiny_base.model, tiny_base.tokenizer, TOY, cfg, on_progress=seen.append)
     assert result.metrics["nonzero"] == result.metrics["n_lora"]
@@ -62,3 +63,12 @@ def test_keep_budget_holds_exactly_n_lora_entries(tiny_base):
     before = _loss(tiny_base, TOY)
     with merged_deltas(tiny_base.model, result.deltas):
         assert _loss(tiny_base, TOY) < 0.5 * before
+
+
+def test_the_adaptive_gate_learns_its_threshold_after_the_reset(tiny_base):
+    """The paper's gate (``gate: adaptive``): θ is set once at 0.2·S, then learned, so the kept count drifts away
+    from N_LoRA; the budget gate would hold it there."""
+    cfg = TrainConfig(learning_rate=1e-2, batch_size=6, epochs=60, seed=2, gate="adaptive")
+    result = train_adapter(tiny_base.model, tiny_base.tokenizer, TOY, cfg)
+    assert result.metrics["nonzero"] != result.metrics["n_lora"]
+    assert len(result.metrics["thresholds"]) == 1  # the one reset at 0.2·S, none before export
