@@ -11,7 +11,7 @@ q/k/v: ``server/runner.py``), one ``GroupDelta``: the group's layers' rows one a
 in one of three forms, chosen when it is loaded:
   * sparse (CSR, int32 indices; values bf16 as stored, fp32 for sums) up to ``DENSE_ABOVE`` density. On CPU in
     fp32 these go through the compiled kernel of ``server/sparse_kernel.py`` (each adapter's delta read once
-    per 4 of its positions, straight into the outputs); elsewhere through torch's CSR product, per adapter.
+    per 16 of its positions, straight into the outputs); elsewhere through torch's CSR product, per adapter.
   * dense above that (one oneDNN product per adapter over its positions): ``@stack`` sums of many tasks.
   * low rank (A, B) for dense-LoRA baseline adapters: s·(x·Aᵀ)·Bᵀ is cheaper than either.
 

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "sparse_delta.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+PAD = 7  # spare rows of scratch per adapter: a chunk of its rows is padded to a power of two (csrc/sparse_delta.c)
 
 
 class _CSR(ctypes.Structure):
@@ -47,7 +48,7 @@ class Prepared:
 
 class SparseDeltaKernel:
     """y[r] += Σ_t Δ_t·x[r] over the adapters t of row r's route, every distinct adapter's delta read once per
-    chunk of 4 of its rows. fp32 inputs and outputs on CPU only; delta values fp32 or bf16."""
+    chunk of 16 of its rows. fp32 inputs and outputs on CPU only; delta values fp32 or bf16."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path):
         self.path = path
@@ -75,8 +76,9 @@ class SparseDeltaKernel:
 
     @staticmethod
     def scratch_size(group: Prepared, n_rows: int) -> int:
-        """Floats of scratch for ``n_rows`` rows: their inputs interleaved, with one spare row per adapter."""
-        return (n_rows + len(group.deltas)) * group.d_in
+        """Floats of scratch for ``n_rows`` rows: their inputs interleaved, with PAD spare rows per adapter
+        (``csrc/sparse_delta.c``)."""
+        return (n_rows + PAD * len(group.deltas)) * group.d_in
 
     def add(self, group: Prepared, row_start: torch.Tensor, rows: torch.Tensor, x: torch.Tensor,
             y: torch.Tensor, scratch: torch.Tensor) -> None:

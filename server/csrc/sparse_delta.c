@@ -1,5 +1,5 @@
 /* The decode rows' sparse deltas on CPU: y[r, :] += Δ_t · x[r, :] for every row r whose adapter is t, each
- * adapter's CSR read once per step for up to four of its rows. Built by server/sparse_kernel.py with the system
+ * adapter's CSR read once per step for up to 16 of its rows. Built by server/sparse_kernel.py with the system
  * C compiler and OpenMP; the OpenMP runtime is the one torch has already loaded (same soname), so the kernel
  * shares torch's thread pool instead of starting a second one.
  *
@@ -31,7 +31,8 @@ static inline float bf16_to_f32(uint16_t h) {
 #define VAL_BF16(v, j) bf16_to_f32(((const uint16_t *)(v))[j])
 
 /* For output rows o in [o0, o1) of one adapter's CSR: y_k[o] += Σ_j val[j] · p[col[j]·NR + k] for the nr ≤ NR
- * rows interleaved in p (a chunk of 3 rows is padded to 4 with zeros). The NR inputs of a column are one short
+ * rows interleaved in p (a chunk is padded with zero rows to the next of 1, 2, 4, 8, 16). The NR inputs of a
+ * column are one short
  * vector (GCC/Clang vector extensions: SSE or NEON on any target), so a non-zero costs one multiply-add for
  * all of them, and each row keeps four partial sums: with one chain of dependent multiply-adds the loop was
  * bound by the FMA latency. One copy per value type (VAL: how entry j of val is read as fp32). */
@@ -57,10 +58,16 @@ static inline float bf16_to_f32(uint16_t h) {
 typedef float v1f __attribute__((vector_size(sizeof(float)), aligned(sizeof(float))));
 typedef float v2f __attribute__((vector_size(2 * sizeof(float)), aligned(sizeof(float))));
 typedef float v4f __attribute__((vector_size(4 * sizeof(float)), aligned(sizeof(float))));
+typedef float v8f __attribute__((vector_size(8 * sizeof(float)), aligned(sizeof(float))));
+typedef float v16f __attribute__((vector_size(16 * sizeof(float)), aligned(sizeof(float))));
 SPAN(span2_f32, 2, v2f, VAL_F32)
 SPAN(span4_f32, 4, v4f, VAL_F32)
+SPAN(span8_f32, 8, v8f, VAL_F32)
+SPAN(span16_f32, 16, v16f, VAL_F32)
 SPAN(span2_bf16, 2, v2f, VAL_BF16)
 SPAN(span4_bf16, 4, v4f, VAL_BF16)
+SPAN(span8_bf16, 8, v8f, VAL_BF16)
+SPAN(span16_bf16, 16, v16f, VAL_BF16)
 #ifndef __AVX512F__
 SPAN(span1_f32, 1, v1f, VAL_F32)
 SPAN(span1_bf16, 1, v1f, VAL_BF16)
@@ -100,12 +107,22 @@ SPAN1_AVX512(span1_bf16, LOAD16_BF16)
 
 typedef void (*span_fn)(const int32_t *, const int32_t *, const void *, int64_t, int64_t, const float *,
                         float *const *, int);
-static const span_fn SPANS[2][3] = {{span1_f32, span2_f32, span4_f32}, {span1_bf16, span2_bf16, span4_bf16}};
+static const span_fn SPANS[2][5] = {{span1_f32, span2_f32, span4_f32, span8_f32, span16_f32},
+                                    {span1_bf16, span2_bf16, span4_bf16, span8_bf16, span16_bf16}};
+
+/* A chunk is up to CHUNK rows of one adapter, interleaved in a width of the next power of two: one pass over
+ * the adapter's delta serves them all (a chain of tasks puts many rows under its first adapters; with chunks
+ * of 4 rather than 16, an 8-task chain at 32 rows cost the decode step twice as much). A chunk takes at most PAD
+ * rows of padding, so adapter t's chunks start at xp + (row_start[t] + PAD·t)·d_in. */
+#define CHUNK 16
+#define PAD 7
+static inline int width_of(int nr) { return nr <= 1 ? 1 : nr <= 2 ? 2 : nr <= 4 ? 4 : nr <= 8 ? 8 : 16; }
+static inline int span_of(int width) { return width == 1 ? 0 : width == 2 ? 1 : width == 4 ? 2 : width == 8 ? 3 : 4; }
 
 /* n_adapters CSR deltas of shape (d_out, d_in); the rows of adapter t are rows[row_start[t]:row_start[t+1]].
  * A row may be listed under several adapters (a route of several deltas): each adds its product.
  * x: (n, xs) fp32, a row's input in its first d_in entries; y: (n, ys) fp32, its output in the first d_out.
- * xp: scratch of (row_start[n_adapters] + n_adapters) · d_in floats. */
+ * xp: scratch of (row_start[n_adapters] + PAD · n_adapters) · d_in floats. */
 void jumplora_sparse_delta_add(int64_t n_adapters, const csr_t *adapters, const int32_t *row_start,
                                const int32_t *rows, int64_t d_in, int64_t d_out, const float *x, int64_t xs,
                                float *y, int64_t ys, float *xp, int32_t n_threads) {
@@ -113,31 +130,30 @@ void jumplora_sparse_delta_add(int64_t n_adapters, const csr_t *adapters, const 
    * stretch of them. So each y[r, o] is written by one thread only, however many adapters row r has. */
 #pragma omp parallel num_threads(n_threads)
   {
-    /* First each chunk of up to 4 rows of one adapter gets its inputs interleaved, (d_in, width), so that one
-     * column index fetches all of them; chunk r0 of adapter t starts at xp + (r0 + t)·d_in (a chunk of 3 takes
-     * the room of 4: one spare row per adapter). */
+    /* First each chunk's inputs are interleaved, (d_in, width), so that one column index fetches all of them;
+     * padding rows are zeros. */
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < n_adapters; t++)
-      for (int32_t r0 = row_start[t]; r0 < row_start[t + 1]; r0 += 4) {
-        const int32_t left = row_start[t + 1] - r0, nr = left < 4 ? left : 4, width = nr == 3 ? 4 : nr;
-        float *dst = xp + (r0 + t) * d_in;
+      for (int32_t r0 = row_start[t]; r0 < row_start[t + 1]; r0 += CHUNK) {
+        const int32_t left = row_start[t + 1] - r0, nr = left < CHUNK ? left : CHUNK, width = width_of(nr);
+        float *dst = xp + (r0 + PAD * t) * d_in;
         for (int k = 0; k < nr; k++) {
           const float *src = x + (int64_t)rows[r0 + k] * xs;
           for (int64_t c = 0; c < d_in; c++) dst[c * width + k] = src[c];
         }
-        if (width > nr)
-          for (int64_t c = 0; c < d_in; c++) dst[c * width + 3] = 0.f;
+        for (int k = nr; k < width; k++)
+          for (int64_t c = 0; c < d_in; c++) dst[c * width + k] = 0.f;
       } /* (the implied barrier: every chunk is packed before any is read) */
     const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
     const int64_t o0 = d_out * id / nt, o1 = d_out * (id + 1) / nt;
     for (int64_t t = 0; t < n_adapters && o0 < o1; t++) {
       const csr_t a = adapters[t];
       const span_fn *spans = SPANS[a.bf16 != 0];
-      for (int32_t r0 = row_start[t]; r0 < row_start[t + 1]; r0 += 4) {
-        const int32_t left = row_start[t + 1] - r0, nr = left < 4 ? left : 4;
-        float *yk[4];
+      for (int32_t r0 = row_start[t]; r0 < row_start[t + 1]; r0 += CHUNK) {
+        const int32_t left = row_start[t + 1] - r0, nr = left < CHUNK ? left : CHUNK;
+        float *yk[CHUNK];
         for (int k = 0; k < nr; k++) yk[k] = y + (int64_t)rows[r0 + k] * ys;
-        spans[nr == 1 ? 0 : nr == 2 ? 1 : 2](a.crow, a.col, a.val, o0, o1, xp + (r0 + t) * d_in, yk, nr);
+        spans[span_of(width_of(nr))](a.crow, a.col, a.val, o0, o1, xp + (r0 + PAD * t) * d_in, yk, nr);
       }
     }
   }

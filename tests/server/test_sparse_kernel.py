@@ -39,7 +39,8 @@ def any_kernel(request, sparse_kernel, tmp_path_factory):
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shared", [False, True], ids=["own", "routes"])
-@pytest.mark.parametrize("counts", [[1], [2, 1, 3], [4, 5, 0, 9], [8, 7, 1, 2, 3], [2] * 8, [1] * 8])
+@pytest.mark.parametrize("counts", [[1], [2, 1, 3], [4, 5, 0, 9], [8, 7, 1, 2, 3], [2] * 8, [1] * 8, [16, 17, 33],
+                                    [15, 12, 6, 10]])
 def test_each_row_gets_its_adapters_deltas(any_kernel, counts, shared, bf16):
     """``shared``: each adapter takes a random subset of the rows, so that most rows have several adapters (a
     route of several deltas), as a chain of tasks gives; otherwise each row has one."""
@@ -75,16 +76,16 @@ def test_empty_deltas_and_wrong_inputs_are_refused_or_harmless(sparse_kernel):
     y = torch.randn(2, 6)
     before = y.clone()
     sparse_kernel.add(group, torch.tensor([0, 2], dtype=torch.int32), torch.tensor([1, 0], dtype=torch.int32),
-                      torch.randn(2, 5), y, torch.empty(15))
+                      torch.randn(2, 5), y, torch.empty(45))
     assert torch.equal(y, before)
     with pytest.raises(ValueError, match="fp32"):
         sparse_kernel.add(group, torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0], dtype=torch.int32),
-                          torch.randn(1, 5, dtype=torch.float64), y, torch.empty(15))
+                          torch.randn(1, 5, dtype=torch.float64), y, torch.empty(45))
     with pytest.raises(ValueError, match="too small"):
         sparse_kernel.add(group, torch.tensor([0, 2], dtype=torch.int32), torch.tensor([1, 0], dtype=torch.int32),
-                          torch.randn(2, 5), y, torch.empty(14))  # needs (2 rows + 1 adapter) · 5
+                          torch.randn(2, 5), y, torch.empty(44))  # needs (2 rows + 7 spare rows an adapter) · 5
     with pytest.raises(ValueError, match="int32"):  # int64 row lists would be read as garbage row numbers
-        sparse_kernel.add(group, torch.tensor([0, 2]), torch.tensor([1, 0]), torch.randn(2, 5), y, torch.empty(15))
+        sparse_kernel.add(group, torch.tensor([0, 2]), torch.tensor([1, 0]), torch.randn(2, 5), y, torch.empty(45))
     assert torch.equal(y, before)
     with pytest.raises(ValueError, match="shapes"):
         sparse_kernel.prepare([empty, _delta(7, 5, 0.5, g)[0]])
