@@ -187,23 +187,30 @@ def normalize(text: str) -> str:
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, rows: Sequence[tuple[str, str]], batch_size: int = 16) -> float:
-    """Share of rows whose greedy completion equals the reference after ``normalize``. The model is used as it
-    is (merge a delta into it first to evaluate an adapter)."""
-    if not rows:
-        return float("nan")
+def greedy_texts(model, tokenizer, rows: Sequence[tuple[str, str]], batch_size: int = 16) -> list[str]:
+    """The greedy completion of each row's prompt, up to 2 tokens longer than the longest reference of its batch.
+    The model is used as it is (merge a delta into it first to evaluate an adapter)."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    hits = 0
+    texts: list[str] = []
     try:
         for i in range(0, len(rows), batch_size):
             chunk = rows[i:i + batch_size]
             longest = max(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for _, c in chunk)
             enc = tokenizer([p for p, _ in chunk], return_tensors="pt", padding=True).to(device)
             out = model.generate(**enc, max_new_tokens=longest + 2, do_sample=False, pad_token_id=pad)
-            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            hits += sum(normalize(t) == normalize(c) for t, (_, c) in zip(texts, chunk))
+            texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
-    return hits / len(rows)
+    return texts
+
+
+def exact_match(model, tokenizer, rows: Sequence[tuple[str, str]], batch_size: int = 16,
+                texts: list[str] | None = None) -> float:
+    """Share of rows whose greedy completion (``texts``, else generated now) equals the reference after
+    ``normalize``."""
+    if not rows:
+        return float("nan")
+    texts = texts if texts is not None else greedy_texts(model, tokenizer, rows, batch_size)
+    return sum(normalize(t) == normalize(c) for t, (_, c) in zip(texts, rows)) / len(rows)

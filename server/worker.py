@@ -108,7 +108,7 @@ def run(args) -> None:
 
     from .model import load_base, merged_deltas
     from .schemas import TrainConfig
-    from .training import Progress, exact_match, train_adapter
+    from .training import Progress, exact_match, greedy_texts, train_adapter
 
     torch.set_num_threads(args.threads)
     job = json.loads(Path(args.job).read_text())
@@ -155,7 +155,13 @@ def run(args) -> None:
         metrics["heldout_exact_match_base"] = exact_match(base.model, base.tokenizer, held)
         route = {k: deltas.get(k, 0) + past.get(k, 0) for k in set(deltas) | set(past)}
         with merged_deltas(base.model, route):
-            metrics["heldout_exact_match"] = exact_match(base.model, base.tokenizer, held)
+            texts = greedy_texts(base.model, base.tokenizer, held)
+        metrics["heldout_exact_match"] = exact_match(base.model, base.tokenizer, held, texts=texts)
+        if cfg.method == "jumplora":  # what storing compact changed: the same rows with the fp32 delta
+            full = {k: result.deltas.get(k, 0) + past.get(k, 0) for k in set(deltas) | set(past)}
+            with merged_deltas(base.model, full):
+                texts_fp32 = greedy_texts(base.model, base.tokenizer, held)
+            metrics["heldout_texts_changed_by_compact"] = sum(a != b for a, b in zip(texts, texts_fp32))
     store.put(task, stored_deltas, task_meta(base.fingerprint, cfg, order, parents, metrics, job["id"]))
     emit("done", metrics=metrics)
 
