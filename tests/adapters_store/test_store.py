@@ -433,3 +433,35 @@ def test_cleanup_temp_removes_only_dead_or_stale_writers(tmp_path):
     kept = [folders[k] for k in ("live", "other host", "other host, same suffix")]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
     assert store.cleanup_temp() == 0
+
+
+def test_compact_form_rounds_values_to_bf16_and_drops_underflow(tmp_path):
+    dense = torch.tensor([[0.0, 1.0 + 2**-12, -3.0], [1e-44, 0.0, 0.5]])
+    full = SparseDelta.from_dense(dense)
+    small = SparseDelta.from_dense(dense, compact=True)
+    assert full.indices.dtype == torch.int64 and full.values.dtype == torch.float32 and full.nnz == 4
+    assert small.indices.dtype == torch.int32 and small.values.dtype == torch.bfloat16
+    assert small.indices.tolist() == [1, 2, 5]  # 1e-44 (an fp32 subnormal) is 0 in bf16: dropped, not stored as a zero
+    assert small.to_dense().tolist() == [[0.0, 1.0, -3.0], [0.0, 0.0, 0.5]]
+    store = AdapterStore(tmp_path / "s")
+    store.put("c", {"layer": small}, {"base_fingerprint": "f", "method": "jumplora", "regularizer": "incremental",
+                                      "order": 0})
+    back = store.get("c").deltas["layer"]
+    assert back.values.dtype == torch.bfloat16 and torch.equal(back.to_dense(), small.to_dense())
+
+
+def test_lineage_is_the_parents_then_the_task_each_checked(tmp_path):
+    import shutil
+
+    store = AdapterStore(tmp_path / "s")
+    meta = {"base_fingerprint": "f", "method": "jumplora", "regularizer": "incremental"}
+    one = {"layer": SparseDelta.from_dense(torch.tensor([[1.0, 0.0]]))}
+    a = store.put("a", one, {**meta, "order": 0})
+    store.put("b", one, {**meta, "order": 1, "parents": [{"task": "a", "sha256": a["tensors_sha256"]}]})
+    assert [s.name for s in store.lineage("b")] == ["a", "b"] and [s.name for s in store.lineage("a")] == ["a"]
+    shutil.rmtree(store.path("a"))
+    with pytest.raises(AdapterNotFound, match="trained on 'a'"):
+        store.lineage("b")
+    store.put("a", {"layer": SparseDelta.from_dense(torch.tensor([[2.0, 0.0]]))}, {**meta, "order": 0})
+    with pytest.raises(CorruptAdapter, match="not the adapter it was trained on"):
+        store.lineage("b")

@@ -1,0 +1,104 @@
+"""The registry: routes from the manifests' parents, the @stack sums and overlap figures kept up to date one task
+at a time (a deletion rebuilds them), and the adapters it refuses (over max_tasks, a missing or changed parent)."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from adapters_store import AdapterStore
+from server.bank import BASE, STACK
+from server.metrics import Metrics
+from server.registry import Registry
+from server.runner import projection_layout
+from support import put_task, served_deltas, task_deltas
+
+
+def make_registry(tiny_base, store, **kw) -> Registry:
+    return Registry(store, tiny_base.model, tiny_base.fingerprint, "cpu", Metrics(), projection_layout(tiny_base.model),
+                    **kw)
+
+
+def brute_force(store: AdapterStore, state) -> tuple[dict, dict]:
+    """Each served task's overlap with the earlier served tasks' non-zero positions, and the per-layer @stack sum,
+    from the stored deltas."""
+    seen, sums, overlap = {}, {}, {}
+    for name in state.tasks:  # in order
+        deltas = served_deltas(store, name)
+        hit = nz = 0
+        for layer, d in deltas.items():
+            mask = d != 0
+            nz += int(mask.sum())
+            if layer in seen:
+                hit += int((mask & seen[layer]).sum())
+                seen[layer] |= mask
+                sums[layer] += d
+            else:
+                seen[layer], sums[layer] = mask.clone(), d.clone()
+        overlap[name] = hit / nz
+    return overlap, sums
+
+
+def check(store, state, tiny_base):
+    overlap, sums = brute_force(store, state)
+    assert {n: t.overlap for n, t in state.tasks.items()} == pytest.approx(overlap, abs=1e-12)
+    for layer, total in sums.items():
+        w = tiny_base.model.get_submodule(layer).weight
+        assert torch.allclose(state.stack.merged[layer], w + total, atol=1e-6), layer
+
+
+def test_registration_is_incremental_and_deletion_rebuilds(tiny_base, tmp_path, monkeypatch):
+    store = AdapterStore(tmp_path / "store")
+    registry = make_registry(tiny_base, store)
+    rebuilds = []
+    original = registry._rebuild
+    monkeypatch.setattr(registry, "_rebuild", lambda: (rebuilds.append(1), original())[1])
+    for i in range(5):
+        put_task(store, f"t{i}", task_deltas(tiny_base.model, 0.2, seed=40 + i), tiny_base.fingerprint, i)
+        state = registry.refresh()
+        check(store, state, tiny_base)
+    assert rebuilds == [] and list(state.tasks) == [f"t{i}" for i in range(5)]
+    assert all(state.tasks[f"t{i}"].overlap > 0 for i in range(1, 5)) and state.tasks["t0"].overlap == 0
+    assert registry.refresh() is None  # nothing changed
+    store.trash("t1")
+    state = registry.refresh()
+    assert rebuilds == [1] and list(state.tasks) == ["t0", "t2", "t3", "t4"]
+    check(store, state, tiny_base)  # overlaps now against the tasks still served
+    assert state.tasks["t4"].nbytes > 0 and state.route(BASE) == () and state.route(STACK) == (state.stack,)
+
+
+def test_refused_adapters_and_a_parent_removed_by_hand(tiny_base, tmp_path):
+    store = AdapterStore(tmp_path / "store")
+    fp = tiny_base.fingerprint
+    put_task(store, "a", task_deltas(tiny_base.model, 0.05, seed=1), fp, 0)
+    put_task(store, "b", task_deltas(tiny_base.model, 0.05, seed=2), fp, 1, parents=["a"])
+    put_task(store, "c", task_deltas(tiny_base.model, 0.05, seed=3), fp, 2, parents=["a", "b"])
+    metrics = Metrics()
+    registry = Registry(store, tiny_base.model, fp, "cpu", metrics, projection_layout(tiny_base.model), max_tasks=2)
+    state = registry.refresh()
+    assert list(state.tasks) == ["a", "b"]  # c is one over max_tasks
+    assert 'reason="TooManyTasks",task="c"' in metrics.render().decode()
+    assert [a.name for a in state.route("b")] == ["a", "b"]
+
+    # a parent changed under the same name, or gone: the child is refused
+    other = AdapterStore(tmp_path / "other")
+    put_task(other, "a", task_deltas(tiny_base.model, 0.05, seed=1), fp, 0)
+    put_task(other, "b", task_deltas(tiny_base.model, 0.05, seed=2), fp, 1, parents=["a"])
+    shutil.rmtree(other.path("a"))
+    put_task(other, "a", task_deltas(tiny_base.model, 0.05, seed=9), fp, 0)  # another "a"
+    put_task(other, "zz", task_deltas(tiny_base.model, 0.05, seed=5), fp, 0)
+    put_task(other, "d", task_deltas(tiny_base.model, 0.05, seed=4), fp, 2, parents=["zz"])
+    shutil.rmtree(other.path("zz"))
+    metrics = Metrics()
+    state = Registry(other, tiny_base.model, fp, "cpu", metrics, projection_layout(tiny_base.model)).refresh()
+    assert list(state.tasks) == ["a"]
+    text = metrics.render().decode()
+    assert 'reason="ChangedParent",task="b"' in text and 'reason="MissingParent",task="d"' in text
+
+    # removed by hand (or by another replica) while served: the child keeps its whole route
+    registry = make_registry(tiny_base, store)
+    registry.refresh()
+    store.trash("a")
+    state = registry.refresh()
+    assert list(state.tasks) == ["b", "c"] and [a.name for a in state.route("c")] == ["a", "b", "c"]
