@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     add_model_args(ap)
     ap.add_argument("--adapters", type=int, default=1000)
     ap.add_argument("--registrations", type=int, default=5)
+    ap.add_argument("--sources", type=int, default=64,
+                    help="trained adapters whose deltas the store's tasks copy (the serving benchmark's set)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
 
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir, cache = model_and_cache(args)
     base = load_base(model_dir, cache, "cpu", "float32")
-    source_dir, chain, solo = trained_store(base, cache)
+    source_dir, _, solo = trained_store(base, cache, independent=args.sources)
     source = AdapterStore(source_dir)
     work = Path(tempfile.mkdtemp(prefix="jumplora-scale-"))
     n = args.adapters

@@ -81,6 +81,8 @@ class Task(_Record):
     metrics: dict = field(default_factory=dict)
     created_at: str | None = None
     parents: list = field(default_factory=list)  # only from task(name)
+    route: list = field(default_factory=list)  # only from task(name): the tasks it is served with, itself last
+    memory_bytes: int | None = None  # only from task(name)
     config: dict = field(default_factory=dict)  # only from task(name)
     base_fingerprint: str | None = None
     tensors_sha256: str | None = None

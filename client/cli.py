@@ -28,6 +28,9 @@ CONFIG_OPTIONS = [  # (option, type, choices, help) of `learn`; the dest is the 
     ("--batch-size", int, None, "batch size (default 32)"),
     ("--max-steps", int, None, "stop after this many steps"),
     ("--threshold-mode", str, ["global", "per_block"], "JumpReLU threshold (default global)"),
+    ("--gate", str, ["budget", "adaptive"], "budget: at most N_LoRA non-zeros (default); adaptive: the paper's "
+     "learned threshold"),
+    ("--parent", str, None, "train on top of and serve with: @stack (default), @base or a task's name"),
     ("--ella-lambda", float, None, "ELLA penalty weight (default 3e4)"),
     ("--seed", int, None, "training seed (default 0)"),
     ("--eval-fraction", float, None, "fraction of rows held out for evaluation (default 0.1)"),
@@ -311,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME", help="the new task's name")
     p.add_argument("file", metavar="FILE", help="the dataset, one JSON object per line")
     for option, kind, choices, help_text in CONFIG_OPTIONS:
-        metavar = None if choices else {int: "N", float: "X"}.get(kind, "A,B")
+        metavar = None if choices else {int: "N", float: "X", str: "NAME"}.get(kind, "A,B")
         p.add_argument(option, type=kind, choices=choices, help=help_text, metavar=metavar)
     p.add_argument("--config", metavar="JSON", help="a training config object; the options above override it")
     p.add_argument("--wait", action="store_true", help="follow the job (progress on stderr), then print its metrics")
