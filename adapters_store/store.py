@@ -207,3 +207,7 @@ class AdapterStore:
 
     def names(self) -> list[str]:
         return [m["task"] for m in self.list()]
+
+    def folders(self) -> set[str]:
+        """The names of the adapter folders, without reading any (a directory listing: cheap however many)."""
+        return {e.name for e in os.scandir(self.root) if not e.name.startswith(".") and e.is_dir()}

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--chain", type=int, default=8, help="tasks in the chain of case (b)")
     ap.add_argument("--adapters", type=int, default=64, help="distinct adapters of case (m)")
-    ap.add_argument("--train-steps", type=int, default=2, help="training steps of each benchmark adapter")
+    ap.add_argument("--train-steps", type=int, default=1, help="training steps (of 4 rows) of each benchmark adapter")
     ap.add_argument("--dtype", default="auto", help="server and anchor dtype (auto: fp32 on CPU)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", help="write the results as JSON here")

@@ -29,7 +29,7 @@ def cl_rows() -> list[tuple[str, str]]:
     return [rows[i] for i in range(max(map(len, per_task))) for rows in per_task if i < len(rows)]
 
 
-def trained_store(base, cache_dir: Path, chain: int = 8, independent: int = 64, steps: int = 2, batch: int = 8,
+def trained_store(base, cache_dir: Path, chain: int = 8, independent: int = 64, steps: int = 1, batch: int = 4,
                   log=print) -> tuple[Path, list[str], list[str]]:
     """(store folder, chain task names in order, independent task names), made on first use."""
     import torch
@@ -67,3 +67,30 @@ def trained_store(base, cache_dir: Path, chain: int = 8, independent: int = 64, 
             f"(N_LoRA {result.metrics['n_lora']})")
     (folder / ".complete").write_text(json.dumps({"chain": names[0], "independent": names[1]}))
     return folder, *names
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.trained [--model PATH] [--chain 8] [--independent 64]``: make the set ahead of the
+    benchmarks that use it."""
+    import argparse
+
+    from .model_args import add_model_args, model_and_cache
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.trained", description=main.__doc__)
+    add_model_args(ap)
+    ap.add_argument("--chain", type=int, default=8)
+    ap.add_argument("--independent", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=1)
+    args = ap.parse_args(argv)
+    from server.model import load_base
+
+    model_dir, cache = model_and_cache(args)
+    base = load_base(model_dir, cache, "cpu", "float32")
+    print(trained_store(base, cache, args.chain, args.independent, args.steps)[0])
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -37,7 +37,7 @@ BASE = "@base"
 STACK = "@stack"
 DENSE_ABOVE = 0.06  # a group's delta denser than this is served dense
 # An adapter with more positions than this in one forward (a long prompt chunk) takes torch's CSR product, which
-# reads the delta once, where the kernel reads it once per 4 positions (it was still the faster one at 100).
+# reads the delta once, where the kernel reads it once per 16 positions.
 KERNEL_MAX_ROWS = 128
 
 Group = tuple[tuple[str, ...], tuple[int, ...]]  # a projection group: its layers (module paths), each one's d_out

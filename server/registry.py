@@ -131,25 +131,35 @@ class Registry:
     # -- refreshing ---------------------------------------------------------------------------------------------
 
     def pending(self) -> bool:
-        """Cheap (a directory listing and small manifests): has the store gained or lost adapters since the
-        last refresh? Adapters refused once are not retried."""
-        names = set(self.store.names())
+        """Cheap (a directory listing): has the store gained or lost adapters since the last refresh? Adapters
+        refused once are not retried."""
+        names = self.store.folders()
         return bool(names - set(self._loaded) - set(self._refused)) or bool(set(self._loaded) - names)
+
+    def _new_names(self, folders: set[str]) -> list[str]:
+        """The store's adapters not loaded or refused yet, by (order, created_at, name): parents before the tasks
+        trained on them. Only their manifests are read."""
+        found = []
+        for name in folders - set(self._loaded) - set(self._refused):
+            try:
+                m = self.store.manifest(name)
+                found.append((m["order"], m["created_at"], name))
+            except StoreError:
+                found.append((float("inf"), "", name))  # last: loading it reports why it is refused
+        return [name for *_, name in sorted(found)]
 
     def refresh(self) -> BankState | None:
         """Load adapters that appeared in the store since the last call and drop those that left it; return the
         new state, or None when nothing changed."""
         with self._lock:
-            names = self.store.names()  # by (order, created_at, name): parents before the tasks trained on them
-            gone = set(self._loaded) - set(names)
+            folders = self.store.folders()
+            gone = set(self._loaded) - folders
             rebuild = False
             for name in gone:
                 del self._loaded[name]
                 rebuild = True
             added = False
-            for name in names:
-                if name in self._loaded or name in self._refused:
-                    continue
+            for name in self._new_names(folders):
                 loaded = self._load(name)
                 if loaded is None:
                     continue
