@@ -11,7 +11,7 @@ chosen token can flip. This script:
    (one request in flight) and ``--repeats`` times mixed with ``@stack`` requests in a shuffled order (16 in
    flight, as the harness evaluates), and lists the prompts whose answer was not always the same;
 2. for each of those, decodes greedily with a plain transformers copy of the base whose targeted weights carry the
-   task's delta (the merged reference, one row, no batching) and reports the gap between the top two logits at
+   task's route (its parents' deltas and its own) (the merged reference, one row, no batching) and reports the gap between the top two logits at
    every step. A flip at a step whose gap is within floating-point noise (far below 1e-2 on fp32 logits of this
    size) is a tie; a flip at a step with a wide gap would be a bug.
 """
@@ -56,9 +56,13 @@ def reference_gaps(model_dir: Path | None, cache_dir: Path, store: Path, task: s
 
     base = load_base(model_dir, cache_dir, "cpu", "float32")
     shapes = {n: tuple(m.weight.shape) for n, m in base.model.named_modules() if isinstance(m, torch.nn.Linear)}
-    stored = AdapterStore(store).get(task, fingerprint=base.fingerprint, layer_shapes=shapes)
+    route = AdapterStore(store).lineage(task, fingerprint=base.fingerprint, layer_shapes=shapes)  # as served
+    merged: dict = {}
+    for stored in route:
+        for layer, d in stored.deltas.items():
+            merged[layer] = merged.get(layer, 0) + d.to_dense()
     tok, out = base.tokenizer, []
-    with merged_deltas(base.model, {layer: d.to_dense() for layer, d in stored.deltas.items()}), torch.no_grad():
+    with merged_deltas(base.model, merged), torch.no_grad():
         for prompt in prompts:
             ids = tok(prompt, return_tensors="pt")["input_ids"]  # (1, T)
             steps = []
