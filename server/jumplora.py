@@ -176,6 +176,25 @@ def keep_interval(deltas: list[torch.Tensor], keep: int) -> tuple[float, float]:
     return max(float(top[keep]), tiny), float(top[keep - 1])
 
 
+@torch.no_grad()
+def trim_to_budget(deltas: dict[str, torch.Tensor], budget: int) -> int:
+    """Zero the smallest non-zero entries (in magnitude; ties broken by layer, then position) until at most
+    ``budget`` remain over all the matrices, in place; how many were zeroed. θ alone cannot do it when entries
+    tie at the boundary: after one Adam step every B entry is ±lr, and many |ΔW| come out equal."""
+    nonzero = [(name, torch.nonzero(d.reshape(-1)).reshape(-1)) for name, d in deltas.items()]
+    extra = sum(int(idx.numel()) for _, idx in nonzero) - budget
+    if extra <= 0:
+        return 0
+    mags = torch.cat([deltas[name].reshape(-1)[idx].abs().float() for name, idx in nonzero])  # (nnz,)
+    drop = torch.sort(mags, stable=True).indices[:extra]  # the smallest, in layer then position order on ties
+    start = 0
+    for name, idx in nonzero:
+        mine = drop[(drop >= start) & (drop < start + idx.numel())] - start
+        deltas[name].reshape(-1)[idx[mine]] = 0
+        start += idx.numel()
+    return extra
+
+
 def _log_in_interval(lo: float, hi: float) -> torch.Tensor:
     """A float32 τ with lo <= exp(τ) < hi (when lo < hi): start at the midpoint, then step by ulps to undo the
     rounding of exp(log θ)."""

@@ -169,13 +169,16 @@ def train_adapter(model, tokenizer, rows: Sequence[tuple[str, str]], cfg: TrainC
         if adapter.gated and (reset_at >= steps or budget):  # (re)set before export
             thetas = jl.reset_thresholds(list(adapter.layers.values()), adapter.threshold)
         deltas = {name: layer.export() for name, layer in adapter.layers.items()}
+        n_lora = sum(cfg.rank * sum(o.weight.shape) for o in adapter.originals.values())
+        if adapter.gated and budget:  # at most N_LoRA entries, even where |ΔW| ties at θ
+            jl.trim_to_budget(deltas, n_lora)
         lowrank = {} if adapter.gated else {
             name: (l.A.detach().clone(), l.B.detach().clone(), l.scale) for name, l in adapter.layers.items()}
     nz, total = jl.density(deltas.values())
     metrics = {
         "final_loss": loss_value, "steps": steps, "train_rows": len(examples), "train_tokens": tokens,
         "nonzero": nz, "total_entries": total, "density": nz / total, "seconds": time.monotonic() - start,
-        "n_lora": sum(cfg.rank * sum(o.weight.shape) for o in adapter.originals.values()),
+        "n_lora": n_lora,
         "thresholds": thetas,
     }
     return TrainResult(deltas=deltas, lowrank=lowrank, metrics=metrics)

@@ -179,3 +179,13 @@ def test_init_matches_lora_reference():
     bound = 1 / math.sqrt(32)  # Kaiming-uniform with a = √5 gives U(-1/√fan_in, 1/√fan_in)
     assert fresh.A.abs().max() <= bound and fresh.A.abs().max() > 0.5 * bound
     assert layer.lora_params == 8 * (16 + 32)
+
+
+def test_trim_to_budget_drops_the_smallest_and_breaks_ties_by_position():
+    from server.jumplora import trim_to_budget
+
+    deltas = {"a": torch.tensor([[0.5, -0.1], [0.1, 0.0]]), "b": torch.tensor([[0.1, 2.0]])}
+    assert trim_to_budget(deltas, 5) == 0  # already within
+    assert trim_to_budget(deltas, 3) == 2  # three entries tie at 0.1: the first two (layer a) go
+    assert torch.equal(deltas["a"], torch.tensor([[0.5, 0.0], [0.0, 0.0]]))
+    assert torch.equal(deltas["b"], torch.tensor([[0.1, 2.0]]))

@@ -72,3 +72,18 @@ def test_the_adaptive_gate_learns_its_threshold_after_the_reset(tiny_base):
     result = train_adapter(tiny_base.model, tiny_base.tokenizer, TOY, cfg)
     assert result.metrics["nonzero"] != result.metrics["n_lora"]
     assert len(result.metrics["thresholds"]) == 1  # the one reset at 0.2·S, none before export
+
+
+def test_the_budget_is_an_upper_bound_even_where_theta_cannot_separate_ties(tiny_base, monkeypatch):
+    """Where |ΔW| ties at the boundary, no θ keeps exactly N_LoRA (a run on SmolLM2 kept 24 too many); the export
+    trims the excess. Here θ is forced far below every entry, so that only the trim can hold the budget."""
+    import server.jumplora as jl
+
+    def too_low(layers, threshold):
+        with torch.no_grad():
+            threshold.tau.fill_(-80.0)
+        return [float(threshold.tau.exp().max())]
+    monkeypatch.setattr(jl, "reset_thresholds", too_low)
+    result = train_adapter(tiny_base.model, tiny_base.tokenizer, TOY, TrainConfig(max_steps=3, batch_size=4))
+    nonzero = sum(int((d != 0).sum()) for d in result.deltas.values())
+    assert nonzero == result.metrics["nonzero"] == result.metrics["n_lora"]
