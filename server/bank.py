@@ -92,7 +92,7 @@ class GroupDelta:
         return sum(t.numel() * t.element_size() for t in self.lowrank)
 
 
-Stored = SparseDelta | LowRankDelta | torch.Tensor  # a layer's delta as the store keeps it, or dense (sums)
+Stored = SparseDelta | LowRankDelta  # a layer's delta as the store keeps it
 
 
 def group_delta(parts: dict[str, Stored], group: Group, device=None, dense_above: float = DENSE_ABOVE) -> GroupDelta:
@@ -110,8 +110,8 @@ def group_delta(parts: dict[str, Stored], group: Group, device=None, dense_above
             b[offsets[name]:offsets[name] + p.shape[0], r:r + p.rank] = p.B.float() * float(p.scale)
             r += p.rank
         return GroupDelta(shape=(d_out, d_in), nnz=d_out * d_in, lowrank=(a.to(device), b.to(device)))
-    sparse = {name: p if isinstance(p, SparseDelta) else SparseDelta.from_dense(p.to("cpu") if isinstance(
-        p, torch.Tensor) else p.to_dense()) for name, p in parts.items()}
+    sparse = {name: p if isinstance(p, SparseDelta) else SparseDelta.from_dense(p.to_dense())
+              for name, p in parts.items()}
     nnz = sum(p.nnz for p in sparse.values())
     area = sum(p.shape[0] * p.shape[1] for p in sparse.values())
     if nnz > dense_above * area:
