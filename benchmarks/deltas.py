@@ -1,8 +1,8 @@
 """Decode-step time by delta representation: 8 tasks with random deltas of density d on q_proj and v_proj, each
-row of the batch on one of them (evenly), stored compact (bf16 values), served sparse (through torch's CSR products, one per adapter, and through the compiled
-kernel of ``server/sparse_kernel.py``) or dense, against the base model alone. The runner is
-driven directly (no HTTP, no scheduler), and the cases alternate in short blocks so that a slow stretch of a
-shared machine hits each alike; the figure is the median over the blocks.
+row of the batch on one of them (evenly), stored compact (bf16 values), served sparse (through torch's CSR
+products, one per adapter, and through the compiled kernel of ``server/sparse_kernel.py``) or dense, against the
+base model alone. The runner is driven directly (no HTTP, no scheduler), and the cases alternate in short blocks
+so that a slow stretch of a shared machine hits each alike; the figure is the median over the blocks.
 
     python -m benchmarks.deltas [--model PATH] [--rows 1 16] [--density 0.035 0.2 0.39 0.6]
 """
