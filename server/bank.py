@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -52,24 +53,26 @@ class GroupDelta:
     crow: torch.Tensor | None = None  # (Σ d_out + 1,) int32   } sparse
     col: torch.Tensor | None = None  # (nnz,) int32             }
     val: torch.Tensor | None = None  # (nnz,) bf16 or fp32      }
-    product: Linear | None = None  # dense: its (Σ d_out, d_in) fp32 product
+    dense: torch.Tensor | None = None  # (Σ d_out, d_in) fp32; its product is packed on first use
     lowrank: tuple[torch.Tensor, torch.Tensor] | None = None  # A (R, d_in), B (Σ d_out, R) with the scale in B
-    _csr32: list = field(default_factory=list, repr=False)  # torch's fp32 CSR, made on first use
+    _lazy: dict = field(default_factory=dict, repr=False)  # torch's fp32 CSR, the dense product: made on first use
 
     @property
     def kind(self) -> str:
-        return "sparse" if self.crow is not None else "dense" if self.product is not None else "lowrank"
+        return "sparse" if self.crow is not None else "dense" if self.dense is not None else "lowrank"
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Δ·x for positions x (N, d_in): (N, Σ d_out) fp32."""
         xf = x.float()
         if self.kind == "sparse":
-            if not self._csr32:
-                self._csr32.append(torch.sparse_csr_tensor(self.crow, self.col, self.val.float(), self.shape,
-                                                           check_invariants=False))
-            return torch.sparse.mm(self._csr32[0], xf.T).T
+            if "csr" not in self._lazy:
+                self._lazy["csr"] = torch.sparse_csr_tensor(self.crow, self.col, self.val.float(), self.shape,
+                                                            check_invariants=False)
+            return torch.sparse.mm(self._lazy["csr"], xf.T).T
         if self.kind == "dense":
-            return self.product(xf)
+            if "product" not in self._lazy:
+                self._lazy["product"] = Linear([self.dense])
+            return self._lazy["product"](xf)
         a, b = self.lowrank
         return F.linear(F.linear(xf, a), b)
 
@@ -78,7 +81,7 @@ class GroupDelta:
             return torch.sparse_csr_tensor(self.crow, self.col, self.val.float(), self.shape,
                                            check_invariants=False).to_dense()
         if self.kind == "dense":
-            return self.product.parts[0][0]
+            return self.dense
         a, b = self.lowrank
         return b @ a
 
@@ -87,8 +90,7 @@ class GroupDelta:
         if self.kind == "sparse":
             return sum(t.numel() * t.element_size() for t in (self.crow, self.col, self.val))
         if self.kind == "dense":
-            w = self.product.parts[0][0]
-            return 2 * w.numel() * w.element_size()  # the weight and its packed copy
+            return 2 * self.dense.numel() * self.dense.element_size()  # the weight and its packed copy
         return sum(t.numel() * t.element_size() for t in self.lowrank)
 
 
@@ -118,7 +120,7 @@ def group_delta(parts: dict[str, Stored], group: Group, device=None, dense_above
         dense = torch.zeros(d_out, d_in)
         for name, p in sparse.items():
             dense[offsets[name]:offsets[name] + p.shape[0]] = p.to_dense()
-        return GroupDelta(shape=(d_out, d_in), nnz=nnz, product=Linear([dense.to(device)]))
+        return GroupDelta(shape=(d_out, d_in), nnz=nnz, dense=dense.to(device))
     rows, cols, vals = [], [], []
     for name in layers:  # layer order: rows ascend, and columns ascend within a row (flat positions ascend)
         if name in sparse:
@@ -170,27 +172,31 @@ def make_adapter(name: str, deltas: dict[str, Stored], layout: list[Group], devi
     return Adapter(name, groups)
 
 
-def make_stack(sums: dict[tuple[str, ...], torch.Tensor], weights: dict[str, torch.Tensor],
+def make_stack(sums: dict[tuple[str, ...], np.ndarray], weights: dict[str, torch.Tensor],
                layout: list[Group]) -> Adapter | None:
-    """``@stack`` from the sums of every task's delta per projection group (fp32, (Σ d_out, d_in)), and the
-    merged weights W + Σ of those groups' layers (``weights``: layer -> base weight)."""
+    """``@stack`` from the sums of every task's delta per projection group (fp32, (Σ d_out, d_in), copied here),
+    and the merged weights W + Σ of those groups' layers (``weights``: layer -> base weight). The work is numpy's
+    where the weights are on CPU: it runs on the calling thread, off the engine's cores' OpenMP pool."""
     if not sums:
         return None
     widths = dict(layout)
+    device = next(iter(weights.values())).device
     groups, merged = {}, {}
     for layers, total in sums.items():
-        nnz = int(torch.count_nonzero(total))
-        if nnz > DENSE_ABOVE * total.numel():
-            groups[layers] = GroupDelta(shape=tuple(total.shape), nnz=nnz, product=Linear([total.clone()]))
+        nnz = int(np.count_nonzero(total))
+        if nnz > DENSE_ABOVE * total.size:
+            groups[layers] = GroupDelta(shape=total.shape, nnz=nnz, dense=torch.from_numpy(total.copy()).to(device))
         else:
-            csr = total.to_sparse_csr()
-            groups[layers] = GroupDelta(shape=tuple(total.shape), nnz=nnz,
-                                        crow=csr.crow_indices().to(torch.int32),
-                                        col=csr.col_indices().to(torch.int32), val=csr.values())
+            csr = torch.from_numpy(total.copy()).to_sparse_csr()
+            groups[layers] = GroupDelta(shape=total.shape, nnz=nnz, crow=csr.crow_indices().to(torch.int32).to(device),
+                                        col=csr.col_indices().to(torch.int32).to(device), val=csr.values().to(device))
         start = 0
         for name, width in zip(layers, widths[layers]):
-            w = weights[name]
-            merged[name] = (w.float() + total[start:start + width].to(w.device)).to(w.dtype)
+            w, part = weights[name].detach(), total[start:start + width]
+            if w.is_cpu:
+                merged[name] = torch.from_numpy(w.float().numpy() + part).to(w.dtype)
+            else:
+                merged[name] = (w.float() + torch.from_numpy(part).to(w.device)).to(w.dtype)
             start += width
     return Adapter(STACK, groups, merged)
 

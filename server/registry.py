@@ -12,9 +12,10 @@ import logging
 import threading
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
-from adapters_store import AdapterStore, StoreError
+from adapters_store import AdapterStore, SparseDelta, StoreError
 
 from .bank import Adapter, BankState, Group, GroupDelta, TaskInfo, build_state, make_adapter, make_stack
 from .metrics import Metrics
@@ -27,13 +28,45 @@ class Loaded:
     info: TaskInfo
     adapter: Adapter
     route: tuple[Adapter, ...]  # its parents' adapters, then its own (kept even if a parent leaves the store)
+    entries: Entries | None = None  # its non-zero entries, only until it is added to the sums
+
+
+Entries = dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]]  # group -> (flat positions int64, fp32 values)
+
+
+def _stored_entries(deltas: dict, layout: list[Group]) -> Entries:
+    """A stored adapter's non-zero entries per projection group, without building anything: a layer's flat
+    position p in (d_out, d_in) is p + offset·d_in in the group's (Σ d_out, d_in)."""
+    out: Entries = {}
+    for layers, widths in layout:
+        pos, val, offset = [], [], 0
+        for name, width in zip(layers, widths):
+            d = deltas.get(name)
+            if d is not None:
+                if isinstance(d, SparseDelta):
+                    p, v = d.indices.long(), d.values.float()
+                else:
+                    dense = d.to_dense().reshape(-1)
+                    p = torch.nonzero(dense).reshape(-1)
+                    v = dense[p]
+                pos.append(p + offset * d.shape[1])
+                val.append(v)
+            offset += width
+        if pos:
+            out[layers] = (torch.cat(pos), torch.cat(val))
+    return out
+
+
+def delta_device(delta: GroupDelta) -> torch.device:
+    return next(t for t in (delta.crow, delta.dense, delta.lowrank and delta.lowrank[0]) if t is not None).device
 
 
 def _entries(delta: GroupDelta) -> tuple[torch.Tensor, torch.Tensor]:
-    """A group delta's non-zero entries: flat positions in (Σ d_out·d_in) (int64) and fp32 values."""
+    """A served group delta's non-zero entries: flat positions in (Σ d_out·d_in) (int64) and fp32 values."""
     if delta.kind == "sparse":
         d_out, d_in = delta.shape
-        rows = torch.repeat_interleave(torch.arange(d_out, device=delta.crow.device), delta.crow.diff().long())
+        rows = torch.searchsorted(delta.crow[1:].long(), torch.arange(delta.nnz, device=delta.crow.device),
+                                  right=True)
         return rows * d_in + delta.col.long(), delta.val.float()
     dense = delta.to_dense().reshape(-1)
     positions = torch.nonzero(dense).reshape(-1)
@@ -54,9 +87,11 @@ class Registry:
         self._lock = threading.Lock()
         self._version = 0
         # per projection group: Σ of every served task's delta (fp32, (Σ d_out, d_in)) and the union of their
-        # non-zero positions (bool, flat); the newest order they hold
-        self._sums: dict[tuple[str, ...], torch.Tensor] = {}
-        self._union: dict[tuple[str, ...], torch.Tensor] = {}
+        # non-zero positions (bool, flat); the newest order they hold. In numpy, on purpose: its ops run on the
+        # calling thread, where torch's would start its OpenMP pool next to the engine's, on cores the engine is
+        # using (a registration took 0.8 s per adapter that way while the cores were busy).
+        self._sums: dict[tuple[str, ...], np.ndarray] = {}
+        self._union: dict[tuple[str, ...], np.ndarray] = {}
         self._newest = -1
         self._stack: Adapter | None = None
 
@@ -99,26 +134,27 @@ class Registry:
         total = sum(d.shape[0] * d.shape[1] for d in stored.deltas.values())
         info = TaskInfo(name=name, order=int(m["order"]), manifest=m, nonzero=nonzero, total=total, overlap=0.0,
                         route=tuple(a.name for a in route) + (name,), nbytes=adapter.nbytes)
-        return Loaded(info, adapter, (*route, adapter))
+        return Loaded(info, adapter, (*route, adapter), _stored_entries(stored.deltas, self.layout))
 
     # -- the @stack sums and overlap ----------------------------------------------------------------------------
 
     def _add(self, loaded: Loaded) -> Loaded:
         """Add a task's entries to the sums and the union; its overlap with the tasks added before it."""
         overlapping = 0
+        entries = loaded.entries
         for layers, delta in loaded.adapter.groups.items():
-            positions, values = _entries(delta)
+            positions, values = entries[layers] if entries is not None else _entries(delta)
+            positions, values = positions.cpu().numpy(), values.cpu().numpy()
             if layers not in self._sums:
-                self._sums[layers] = torch.zeros(delta.shape, device=positions.device)
-                self._union[layers] = torch.zeros(delta.shape[0] * delta.shape[1], dtype=torch.bool,
-                                                  device=positions.device)
+                self._sums[layers] = np.zeros(delta.shape, dtype=np.float32)
+                self._union[layers] = np.zeros(delta.shape[0] * delta.shape[1], dtype=bool)
             union = self._union[layers]
-            overlapping += int(union[positions].sum())
+            overlapping += int(np.count_nonzero(union[positions]))
             union[positions] = True
-            self._sums[layers].view(-1).index_add_(0, positions, values)
+            self._sums[layers].reshape(-1)[positions] += values  # (positions are distinct within an adapter)
         self._newest = max(self._newest, loaded.info.order)
         nz = loaded.info.nonzero
-        return replace(loaded, info=replace(loaded.info, overlap=overlapping / nz if nz else 0.0))
+        return replace(loaded, info=replace(loaded.info, overlap=overlapping / nz if nz else 0.0), entries=None)
 
     def _rebuild(self) -> None:
         """Sums, union and every overlap from the served tasks, in order (after a deletion)."""
