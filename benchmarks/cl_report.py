@@ -38,6 +38,13 @@ def backward_transfer(a: Matrix) -> float | None:
     return sum(a[-1][j] - a[j][j] for j in range(t - 1)) / (t - 1)
 
 
+def learned_accuracy(a: Matrix) -> float:
+    """The mean accuracy of each task just after it was learned: mean_j a[j][j]. Where a task's route is the
+    model it was trained and evaluated as, the routing OA equals this (and its BWT is 0)."""
+    check_matrix(a)
+    return sum(a[j][j] for j in range(len(a))) / len(a)
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
@@ -52,14 +59,16 @@ def markdown(results: dict) -> str:
              f"{', '.join(f'{t} {n}' for t, n in results['test_rows_used'].items())}). Accuracy is exact match of the "
              "greedy generation (lower case, collapsed whitespace), in percent. OA: mean accuracy over all tasks after "
              "the last one; BWT: mean change of each earlier task's accuracy from just after it was learned to the "
-             "end (negative is forgetting; – for one task).", "",
-             "| method | mode | OA | BWT |", "| --- | --- | --- | --- |"]
+             "end (negative is forgetting; – for one task); just after: mean accuracy of each task right after it "
+             "was learned.", "",
+             "| method | mode | OA | BWT | just after |", "| --- | --- | --- | --- | --- |"]
     for method, m in results["methods"].items():
         for mode, a in m.get("matrices", {}).items():
             name = method if m.get("complete", True) else f"{method} (incomplete: {len(a)} of {len(tasks)} tasks)"
             if method == "multitask" and not m.get("complete", True):
                 name = f"{method} (incomplete)"
-            lines.append(f"| {name} | {mode} | {_pct(m['OA'][mode])} | {_pct(m['BWT'][mode])} |")
+            lines.append(f"| {name} | {mode} | {_pct(m['OA'][mode])} | {_pct(m['BWT'][mode])} "
+                         f"| {_pct(None if method == 'multitask' else learned_accuracy(a))} |")
     lines += ["", "Accuracy on each task after the last task (learned so far, if the run is not complete):", "",
               "| method | mode | " + " | ".join(tasks) + " |",
               "| --- | --- | " + " | ".join("---" for _ in tasks) + " |"]

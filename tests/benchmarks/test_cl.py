@@ -149,8 +149,9 @@ def test_report_from_hand_made_results(tmp_path):
                           "adapters": {}, "timings": {"total_s": 1.0}},
         }}
     md = markdown(results)
-    assert "| jumplora+incremental | stack | 75.0 | -50.0 |" in md
-    assert "| multitask | routing | 75.0 | – |" in md
+    assert "| jumplora+incremental | stack | 75.0 | -50.0 | 100.0 |" in md
+    assert "| jumplora+incremental | routing | 75.0 | 0.0 | 75.0 |" in md
+    assert "| multitask | routing | 75.0 | – | – |" in md
     assert "1.00 / 0.0" in md and "2.00 / 10.0" in md
     plot(results, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
