@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import random
+import shutil
 import sys
 import tempfile
 import threading
@@ -20,7 +21,8 @@ from pathlib import Path
 import httpx
 
 from .model_args import add_model_args, model_and_cache
-from .serving import PROMPTS, percentile, write_store
+from .serving import PROMPTS, percentile
+from .trained import trained_store
 
 
 def rss_mb(pid: int) -> float:
@@ -98,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     model_dir, cache = model_and_cache(args)
     base = load_base(model_dir, cache, "cpu", "float32")
     work = Path(tempfile.mkdtemp(prefix="jumplora-load-"))
-    tasks = write_store(work / "store", base.model, base.fingerprint)[:4] + ["@stack", "@base"]
+    # four tasks trained in a chain by the trainer (benchmarks/trained.py), copied: the job below adds to the store
+    source, chain, _ = trained_store(base, cache, chain=4, independent=0)
+    shutil.copytree(source, work / "store", ignore=shutil.ignore_patterns(".*"))
+    tasks = chain + ["@stack", "@base"]
     del base
     server = ServerProcess(model_dir, work / "store", cache, extra_args=["--log-level", "warning"],
                            log_path=work / "server.log").wait_ready(timeout=300)
