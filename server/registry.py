@@ -61,16 +61,17 @@ def delta_device(delta: GroupDelta) -> torch.device:
     return next(t for t in (delta.crow, delta.dense, delta.lowrank and delta.lowrank[0]) if t is not None).device
 
 
-def _entries(delta: GroupDelta) -> tuple[torch.Tensor, torch.Tensor]:
-    """A served group delta's non-zero entries: flat positions in (Σ d_out·d_in) (int64) and fp32 values."""
+def _entries(delta: GroupDelta) -> tuple[np.ndarray, np.ndarray]:
+    """A served group delta's non-zero entries: flat positions in (Σ d_out·d_in) (int64) and fp32 values, in
+    numpy (the rebuild after a deletion runs this for every served adapter)."""
     if delta.kind == "sparse":
         d_out, d_in = delta.shape
-        rows = torch.searchsorted(delta.crow[1:].long(), torch.arange(delta.nnz, device=delta.crow.device),
-                                  right=True)
-        return rows * d_in + delta.col.long(), delta.val.float()
-    dense = delta.to_dense().reshape(-1)
-    positions = torch.nonzero(dense).reshape(-1)
-    return positions, dense[positions].float()
+        crow = delta.crow.cpu().numpy()
+        rows = np.repeat(np.arange(d_out, dtype=np.int64), np.diff(crow))
+        return rows * d_in + delta.col.cpu().numpy(), delta.val.cpu().float().numpy()
+    dense = delta.to_dense().cpu().reshape(-1).numpy()
+    positions = np.flatnonzero(dense)
+    return positions, dense[positions].astype(np.float32)
 
 
 class Registry:
@@ -143,8 +144,10 @@ class Registry:
         overlapping = 0
         entries = loaded.entries
         for layers, delta in loaded.adapter.groups.items():
-            positions, values = entries[layers] if entries is not None else _entries(delta)
-            positions, values = positions.cpu().numpy(), values.cpu().numpy()
+            if entries is not None:
+                positions, values = entries[layers][0].cpu().numpy(), entries[layers][1].cpu().numpy()
+            else:
+                positions, values = _entries(delta)
             if layers not in self._sums:
                 self._sums[layers] = np.zeros(delta.shape, dtype=np.float32)
                 self._union[layers] = np.zeros(delta.shape[0] * delta.shape[1], dtype=bool)
