@@ -125,9 +125,9 @@ def group_delta(parts: dict[str, Stored], group: Group, device=None, dense_above
     for name in layers:  # layer order: rows ascend, and columns ascend within a row (flat positions ascend)
         if name in sparse:
             p = sparse[name]
-            idx = p.indices.long()
-            rows.append(idx // d_in + offsets[name])
-            cols.append((idx % d_in).to(torch.int32))
+            row, col = np.divmod(p.indices.numpy(), d_in)  # (numpy: on the calling thread)
+            rows.append(torch.from_numpy(row.astype(np.int64) + offsets[name]))
+            cols.append(torch.from_numpy(col.astype(np.int32)))
             vals.append(p.values)
     dtype = torch.bfloat16 if all(v.dtype == torch.bfloat16 for v in vals) else torch.float32
     crow = torch.zeros(d_out + 1, dtype=torch.int64)

@@ -31,12 +31,19 @@ class Loaded:
     entries: Entries | None = None  # its non-zero entries, only until it is added to the sums
 
 
-Entries = dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]]  # group -> (flat positions int64, fp32 values)
+Entries = dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]]  # group -> (flat positions int64, fp32 values)
+
+
+def _float32(values: torch.Tensor) -> np.ndarray:
+    """fp32 numpy values of an fp32 or bf16 tensor (bf16 widened by a shift: it is the upper half of an fp32)."""
+    if values.dtype == torch.bfloat16:
+        return (values.view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return values.float().numpy()
 
 
 def _stored_entries(deltas: dict, layout: list[Group]) -> Entries:
     """A stored adapter's non-zero entries per projection group, without building anything: a layer's flat
-    position p in (d_out, d_in) is p + offset·d_in in the group's (Σ d_out, d_in)."""
+    position p in (d_out, d_in) is p + offset·d_in in the group's (Σ d_out, d_in). In numpy (see ``_sums``)."""
     out: Entries = {}
     for layers, widths in layout:
         pos, val, offset = [], [], 0
@@ -44,16 +51,16 @@ def _stored_entries(deltas: dict, layout: list[Group]) -> Entries:
             d = deltas.get(name)
             if d is not None:
                 if isinstance(d, SparseDelta):
-                    p, v = d.indices.long(), d.values.float()
+                    p, v = d.indices.numpy().astype(np.int64), _float32(d.values)
                 else:
-                    dense = d.to_dense().reshape(-1)
-                    p = torch.nonzero(dense).reshape(-1)
+                    dense = d.to_dense().reshape(-1).numpy()
+                    p = np.flatnonzero(dense)
                     v = dense[p]
                 pos.append(p + offset * d.shape[1])
                 val.append(v)
             offset += width
         if pos:
-            out[layers] = (torch.cat(pos), torch.cat(val))
+            out[layers] = (np.concatenate(pos), np.concatenate(val))
     return out
 
 
@@ -144,10 +151,7 @@ class Registry:
         overlapping = 0
         entries = loaded.entries
         for layers, delta in loaded.adapter.groups.items():
-            if entries is not None:
-                positions, values = entries[layers][0].cpu().numpy(), entries[layers][1].cpu().numpy()
-            else:
-                positions, values = _entries(delta)
+            positions, values = entries[layers] if entries is not None else _entries(delta)
             if layers not in self._sums:
                 self._sums[layers] = np.zeros(delta.shape, dtype=np.float32)
                 self._union[layers] = np.zeros(delta.shape[0] * delta.shape[1], dtype=bool)
