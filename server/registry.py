@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -111,20 +112,30 @@ class Registry:
             self.metrics.adapter_load_errors.labels(name, kind).inc()
             self._refused[name] = reason
 
-    def _load(self, name: str) -> Loaded | None:
-        if len(self._loaded) >= self.max_tasks:
-            self._refuse(name, f"the server already serves max_tasks={self.max_tasks} tasks", "TooManyTasks")
-            return None
+    def _read(self, name: str) -> tuple:
+        """What loading an adapter needs no other adapter for: read and verify it, build its served form and list
+        its entries. (stored, adapter, entries), or (reason, kind) if it is refused. Thread-safe: a start-up runs
+        several at once."""
         try:
             stored = self.store.get(name, fingerprint=self.fingerprint, layer_shapes=self.layer_shapes)
         except StoreError as e:
-            self._refuse(name, str(e), type(e).__name__)
-            return None
-        m = stored.manifest
+            return str(e), type(e).__name__
         unserved = sorted(set(stored.deltas) - self.served_layers)
         if unserved:
-            self._refuse(name, f"layer(s) {unserved[:3]} are not projections the engine serves", "UnservedLayer")
+            return f"layer(s) {unserved[:3]} are not projections the engine serves", "UnservedLayer"
+        return (stored, make_adapter(name, stored.deltas, self.layout, self.device),
+                _stored_entries(stored.deltas, self.layout))
+
+    def _load(self, name: str, read: tuple | None = None) -> Loaded | None:
+        if len(self._loaded) >= self.max_tasks:
+            self._refuse(name, f"the server already serves max_tasks={self.max_tasks} tasks", "TooManyTasks")
             return None
+        read = read if read is not None else self._read(name)
+        if len(read) == 2:
+            self._refuse(name, *read)
+            return None
+        stored, adapter, entries = read
+        m = stored.manifest
         # the route: the adapters it was trained on, exactly as they were then, and its own
         route = []
         for parent in m.get("parents", []):
@@ -137,12 +148,11 @@ class Registry:
                              "ChangedParent")
                 return None
             route.append(p.adapter)
-        adapter = make_adapter(name, stored.deltas, self.layout, self.device)
         nonzero = sum(d.nnz for d in stored.deltas.values())
         total = sum(d.shape[0] * d.shape[1] for d in stored.deltas.values())
         info = TaskInfo(name=name, order=int(m["order"]), manifest=m, nonzero=nonzero, total=total, overlap=0.0,
                         route=tuple(a.name for a in route) + (name,), nbytes=adapter.nbytes)
-        return Loaded(info, adapter, (*route, adapter), _stored_entries(stored.deltas, self.layout))
+        return Loaded(info, adapter, (*route, adapter), entries)
 
     # -- the @stack sums and overlap ----------------------------------------------------------------------------
 
@@ -202,16 +212,23 @@ class Registry:
                 del self._loaded[name]
                 rebuild = True
             added = False
-            for name in self._new_names(folders):
-                loaded = self._load(name)
-                if loaded is None:
-                    continue
-                added = True
-                if rebuild or loaded.info.order < self._newest:
-                    self._loaded[name] = loaded
-                    rebuild = True
-                else:
-                    self._loaded[name] = self._add(loaded)
+            new = self._new_names(folders)
+            # many at once (a start-up): read and build them two at a time (file reads, checksums and numpy let
+            # go of the GIL), then resolve the routes and add to the sums in order
+            # (32 at a time, so that the entries waiting to be added stay few)
+            with ThreadPoolExecutor(max_workers=2 if len(new) > 8 else 1) as pool:
+                for start in range(0, len(new), 32):
+                    chunk = new[start:start + 32]
+                    for name, read in zip(chunk, pool.map(self._read, chunk)):
+                        loaded = self._load(name, read)
+                        if loaded is None:
+                            continue
+                        added = True
+                        if rebuild or loaded.info.order < self._newest:
+                            self._loaded[name] = loaded
+                            rebuild = True
+                        else:
+                            self._loaded[name] = self._add(loaded)
             if not (added or gone) and self._version > 0:
                 return None
             if rebuild:

@@ -102,3 +102,16 @@ def test_refused_adapters_and_a_parent_removed_by_hand(tiny_base, tmp_path):
     store.trash("a")
     state = registry.refresh()
     assert list(state.tasks) == ["b", "c"] and [a.name for a in state.route("c")] == ["a", "b", "c"]
+
+
+def test_many_at_once_are_read_in_parallel_and_added_in_order(tiny_base, tmp_path):
+    """A start-up: more than 8 new adapters are read two at a time; routes and sums come out as one by one."""
+    store = AdapterStore(tmp_path / "store")
+    fp = tiny_base.fingerprint
+    for i in range(12):
+        parents = [f"t{i - 1}"] if i % 3 else []
+        put_task(store, f"t{i}", task_deltas(tiny_base.model, 0.2, seed=60 + i), fp, i, parents=parents)
+    state = make_registry(tiny_base, store).refresh()
+    assert list(state.tasks) == [f"t{i}" for i in range(12)]
+    assert [a.name for a in state.route("t5")] == ["t4", "t5"] and state.tasks["t6"].route == ("t6",)
+    check(store, state, tiny_base)
