@@ -54,7 +54,8 @@ def test_prometheus_scrapes_latency_and_adapter_density(tiny_model_dir, start_se
         deadline = time.monotonic() + 60
         while True:  # Prometheus is up and has scraped the server once
             try:
-                if query(url, 'up{job="jumplora"} == 1'):
+                ready = httpx.get(url + "/-/ready", timeout=10).status_code == 200  # 503 while it starts
+                if ready and query(url, 'up{job="jumplora"} == 1'):
                     break
             except httpx.HTTPError:
                 pass
