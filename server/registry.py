@@ -65,10 +65,6 @@ def _stored_entries(deltas: dict, layout: list[Group]) -> Entries:
     return out
 
 
-def delta_device(delta: GroupDelta) -> torch.device:
-    return next(t for t in (delta.crow, delta.dense, delta.lowrank and delta.lowrank[0]) if t is not None).device
-
-
 def _entries(delta: GroupDelta) -> tuple[np.ndarray, np.ndarray]:
     """A served group delta's non-zero entries: flat positions in (Σ d_out·d_in) (int64) and fp32 values, in
     numpy (the rebuild after a deletion runs this for every served adapter)."""
