@@ -99,6 +99,7 @@ class AdapterStore:
             os.rename(src, dst)
         except OSError as e:
             raise StoreWriteError(task, f"cannot move to the trash: {e}") from None
+        atomic.fsync(bin_)  # the rename changed both folders: sync the one it entered, then the one it left
         atomic.fsync(self.root)
         return dst
 
