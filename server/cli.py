@@ -26,6 +26,7 @@ def serve(argv: list[str]) -> int:
 
     from .app import create_app
     from .config import Settings
+    from .listener import uvicorn_options
 
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
@@ -35,7 +36,7 @@ def serve(argv: list[str]) -> int:
         print(f"jumplora serve: invalid settings:\n{e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(create_app(settings), **uvicorn_options(settings))
     return 0
 
 
