@@ -6,7 +6,6 @@ import time
 import uuid
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
 
 from ..bank import BASE, STACK
 from ..sampling import SamplingParams
@@ -60,5 +59,4 @@ async def completions(req: CompletionRequest, state: Ready, request: Request):
         return [chunk(f.tail, _finish_reason(f.finish_reason), usage(f) if include_usage else None), "[DONE]"]
 
     streaming.reserve_stream(state, handle)
-    return StreamingResponse(streaming.stream(state, handle, request, lambda t: chunk(t.text, None), on_final),
-                             media_type="text/event-stream")
+    return streaming.response(state, handle, request, lambda t: chunk(t.text, None), on_final)

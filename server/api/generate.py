@@ -3,7 +3,6 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
 
 from ..sampling import SamplingParams
 from ..schemas import GenerateRequest, GenerateResponse, Usage, stop_list
@@ -34,5 +33,4 @@ async def generate(req: GenerateRequest, state: Ready, request: Request):
                  "usage": {"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens}}]
 
     streaming.reserve_stream(state, handle)
-    return StreamingResponse(streaming.stream(state, handle, request, on_token, on_final),
-                             media_type="text/event-stream")
+    return streaming.response(state, handle, request, on_token, on_final)

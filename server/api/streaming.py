@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import AsyncIterator, Callable
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from ..engine import Failed, Finished, RequestHandle, Token
 from ..errors import JumploraError, Overloaded, RequestTimeout
 
 POLL_SECONDS = 0.25
+log = logging.getLogger(__name__)
 
 
 class ClientGone(Exception):
@@ -93,3 +96,39 @@ async def stream(state, handle: RequestHandle, request: Request,
     finally:  # also on disconnect (the generator is closed or cancelled); a no-op once the request finished
         handle.cancel()
         state.streams -= 1
+
+
+class SlowClient(Exception):
+    pass
+
+
+class DeadlineStreamingResponse(StreamingResponse):
+    """A streaming response whose every write must be taken by the client within ``write_timeout`` seconds.
+    A client that stops reading (while staying connected) would otherwise hold its stream slot, and its
+    events would pile up, for as long as the connection lives: past the deadline the stream is closed (its
+    ``finally`` frees the slot and the batch row) and the connection dropped."""
+
+    def __init__(self, content, write_timeout: float, **kw):
+        super().__init__(content, **kw)
+        self.write_timeout = write_timeout
+
+    async def stream_response(self, send) -> None:
+        async def send_by_deadline(message) -> None:
+            try:
+                await asyncio.wait_for(send(message), self.write_timeout)
+            except asyncio.TimeoutError:
+                raise SlowClient() from None
+        try:
+            await super().stream_response(send_by_deadline)
+        except SlowClient:
+            log.warning("a streaming client took no data for %g s: disconnected", self.write_timeout)
+            await self.body_iterator.aclose()
+            # returning without finishing the response makes the server close the connection
+
+
+def response(state, handle: RequestHandle, request: Request, on_token: Callable[[Token], dict],
+             on_final: Callable[[Finished], list[dict | str]]) -> DeadlineStreamingResponse:
+    """The server-sent event response of a request whose stream slot is reserved (``reserve_stream``)."""
+    return DeadlineStreamingResponse(stream(state, handle, request, on_token, on_final),
+                                     write_timeout=state.settings.stream_write_timeout_s,
+                                     media_type="text/event-stream")
