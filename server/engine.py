@@ -14,7 +14,7 @@ import torch
 
 from .bank import BASE, BankState, KernelTables, Plan, Route
 from .sparse_kernel import SparseDeltaKernel, applies_to
-from .errors import (BadRequest, InvalidRequest, JumploraError, NotFound, NotReady, Overloaded,
+from .errors import (BadRequest, EngineError, InvalidRequest, JumploraError, NotFound, NotReady, Overloaded,
                      PayloadTooLarge)
 from .metrics import Metrics
 from .runner import Chunk, ModelRunner
@@ -41,6 +41,14 @@ class Finished:
 @dataclass
 class Failed:
     error: Exception
+
+
+def request_error(e: Exception) -> JumploraError:
+    """What the client of a failed request is told: our own errors as they are, anything else as a 500 that
+    names only the exception's type (the traceback is in the server log)."""
+    if isinstance(e, JumploraError):
+        return e
+    return EngineError(f"the engine failed on this request ({type(e).__name__}); see the server log")
 
 
 class RequestHandle:
@@ -120,7 +128,8 @@ class Engine:
 
     def __init__(self, runner: ModelRunner, tokenizer, state: BankState, metrics: Metrics, *, max_batch: int,
                  max_queue: int, max_len: int, prefill_budget: int = 512, max_prompt_tokens: int | None = None,
-                 max_new_tokens: int | None = None, sparse_kernel: SparseDeltaKernel | None = None):
+                 max_new_tokens: int | None = None, sparse_kernel: SparseDeltaKernel | None = None,
+                 cuda_graphs: bool = False):
         self.runner, self.tokenizer, self.metrics = runner, tokenizer, metrics
         self.max_batch, self.max_queue, self.max_len = max_batch, max_queue, max_len
         self.prefill_budget = prefill_budget
@@ -146,6 +155,10 @@ class Engine:
         # the compiled kernel does the sparse deltas where it applies (fp32 on CPU), with its tables kept here
         use = sparse_kernel is not None and applies_to(runner.device, runner.dtype)
         self._kernel = KernelTables(sparse_kernel) if use else None
+        self._graphs = None  # on CUDA: decode steps without task adapters replayed from graphs
+        if cuda_graphs and runner.device.type == "cuda":
+            from .cuda_graphs import DecodeGraphs
+            self._graphs = DecodeGraphs(runner)
 
     # -- called from the API (event loop thread) -------------------------------------------------------------
 
@@ -252,9 +265,10 @@ class Engine:
                 self._outbox.flush()
                 failed = {id(s): s for s in self._decoding + self._prefilling + self._in_step}
                 for seq in failed.values():
-                    seq.handle.emit(Failed(e))
+                    seq.handle.emit(Failed(request_error(e)))
                 self._decoding.clear()
                 self._prefilling.clear()
+                self.runner.cache.clean = 0  # a failed forward may have left non-finite values: zero again
         self._fail_all(NotReady("the server is shutting down"))
         self._stopped.set()
 
@@ -299,7 +313,13 @@ class Engine:
             if route is None:  # the task went away while the request waited
                 handle.emit(Failed(NotFound(f"task {handle.task!r} is no longer served", param="task")))
                 continue
-            self._prefilling.append(Sequence(handle, route, self.tokenizer))
+            try:
+                seq = Sequence(handle, route, self.tokenizer)
+            except Exception as e:  # this request alone fails, and is told so at once
+                log.exception("admitting a request failed")
+                handle.emit(Failed(request_error(e)))
+                continue
+            self._prefilling.append(seq)
 
     def _free_row(self, above: int) -> int:
         used = {seq.row for seq in self._prefilling if seq.row is not None}
@@ -331,20 +351,31 @@ class Engine:
         tokens = torch.tensor([seq.last for seq in self._decoding], dtype=torch.long)
         positions = torch.tensor([seq.pos for seq in self._decoding], dtype=torch.long)
         routes = [seq.route for seq in self._decoding]
-        if segments:  # prompt positions: a plan for this forward alone
-            plan = Plan(routes, segments, self.runner.device, self._kernel)
-        else:
-            key = Plan.key(routes)
-            if key != self._plan_key:
-                self._plan, self._plan_key = Plan(routes, (), self.runner.device, self._kernel), key
-            plan = self._plan
-        logits, chunk_logits = self.runner.step(tokens, positions, [c for _, c in chunks], plan)
+        try:
+            plan = Plan(routes, segments, self.runner.device, self._kernel) if segments else self._decode_plan(routes)
+            logits = self._graphs.run(tokens, positions, plan) if self._graphs is not None and not chunks else None
+            if logits is not None:
+                chunk_logits = []
+            else:
+                logits, chunk_logits = self.runner.step(tokens, positions, [c for _, c in chunks], plan)
+        except Exception:
+            if not chunks:  # the decode rows alone, each of which went through a step before: fail them all
+                raise
+            log.exception("a step with prompt chunks failed; running the decode rows and each chunk apart")
+            logits, chunks, chunk_logits = self._step_apart(tokens, positions, routes, chunks)
         # decode rows
-        chosen = sample(logits, [s.params for s in self._decoding], [s.gen for s in self._decoding]) if n else []
+        chosen = self._sample_rows(logits, self._decoding) if n else []
         done = []
         for i, (seq, token) in enumerate(zip(self._decoding, chosen)):
+            if token is None:  # its sampling failed (reported)
+                done.append(i)
+                continue
             seq.pos += 1
-            if self._advance(seq, token):
+            try:
+                if self._advance(seq, token):
+                    done.append(i)
+            except Exception as e:
+                self._fail_row(seq, e, seq.pos)
                 done.append(i)
         self._remove(done)
         # prompt chunks: first every one's length (a prompt that moves rows below must take this step's chunk
@@ -356,13 +387,70 @@ class Engine:
             if lg is None:
                 continue
             self._prefilling.remove(seq)
-            token = sample(lg[None], [seq.params], [seq.gen])[0]
-            if not self._advance(seq, token):
+            try:
+                token = sample(lg[None], [seq.params], [seq.gen])[0]
+                finished = self._advance(seq, token)
+            except Exception as e:
+                self._fail_row(seq, e, chunk.end)
+                continue
+            if not finished:
                 self._start_decoding(seq)
         elapsed = time.monotonic() - start
         if n:
             self.step_times.append(elapsed)
             self.metrics.step_seconds.observe(elapsed)
+
+    def _decode_plan(self, routes: list[Route]) -> Plan:
+        """The decode rows' plan, kept while the batch's routes stay the same."""
+        key = Plan.key(routes)
+        if key != self._plan_key:
+            self._plan, self._plan_key = Plan(routes, (), self.runner.device, self._kernel), key
+        return self._plan
+
+    def _step_apart(self, tokens, positions, routes, chunks):
+        """After a failed step: the decode rows in one forward (if that fails too, the engine loop fails them
+        all), then each prompt chunk in a forward of its own; a chunk that fails alone fails its request only.
+        Writing the cache again is harmless: every position gets the same keys and values. Returns the decode
+        logits and the chunks that went through, with their logits."""
+        logits = None
+        if len(routes):
+            logits = self.runner.step(tokens, positions, [], self._decode_plan(routes))[0]
+        empty = torch.empty(0, dtype=torch.long)
+        kept, kept_logits = [], []
+        for seq, chunk in chunks:
+            try:
+                plan = Plan([], [(0, len(chunk.token_ids), seq.route)], self.runner.device, self._kernel)
+                kept_logits.append(self.runner.step(empty, empty, [chunk], plan)[1][0])
+            except Exception as e:
+                self._prefilling.remove(seq)
+                self._fail_row(seq, e, chunk.end)
+                continue
+            kept.append((seq, chunk))
+        return logits, kept, kept_logits
+
+    def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
+        """Each decode row's next token; if sampling the batch fails, each row alone, and a row that fails
+        alone is failed (None). (A row sampled before the batch failed draws its random numbers again.)"""
+        try:
+            return sample(logits, [s.params for s in seqs], [s.gen for s in seqs])
+        except Exception:
+            log.exception("sampling the batch failed; sampling each row alone")
+        out: list[int | None] = []
+        for i, seq in enumerate(seqs):
+            try:
+                out.append(sample(logits[i:i + 1], [seq.params], [seq.gen])[0])
+            except Exception as e:
+                self._fail_row(seq, e, seq.pos + 1)
+                out.append(None)
+        return out
+
+    def _fail_row(self, seq: Sequence, error: Exception, length: int) -> None:
+        """Fail one request, which leaves its row (the caller removes it): zero the first ``length`` positions
+        of that cache row, which may hold non-finite values (masked positions still multiply their values)."""
+        log.error("request of task %r failed: %r", seq.handle.task, error, exc_info=error)
+        if seq.row is not None:
+            self.runner.cache.clear_row(seq.row, length)
+        self._outbox.put(seq.handle, Failed(request_error(error)))
 
     def _start_decoding(self, seq: Sequence) -> None:
         """Give ``seq`` the next decode row, moving its cache there; a prefilling request that holds that row

@@ -97,6 +97,12 @@ class KVCache:
             k[[a, b], :, :length] = k[[b, a], :, :length]
             v[[a, b], :, :length] = v[[b, a], :, :length]
 
+    def clear_row(self, row: int, length: int) -> None:
+        """Zero the first ``length`` positions of ``row`` (a failed request's: they may not be finite)."""
+        for k, v in zip(self.k, self.v):
+            k[row, :, :length].zero_()
+            v[row, :, :length].zero_()
+
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` positions of row ``src`` to row ``dst`` (compaction after a row leaves)."""
         for k, v in zip(self.k, self.v):
@@ -126,7 +132,11 @@ class ModelRunner:
         self.max_len = max_len
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.cache = KVCache(len(self.layers), max_rows, self.n_kv, max_len, self.head_dim, self.dtype, self.device)
+        # one position more than any request reaches: where the padding rows of a fixed-size decode step write
+        # (``step(..., span=...)``, the CUDA graphs of server/cuda_graphs.py); every request masks it
+        self.spare = max_len
+        self.cache = KVCache(len(self.layers), max_rows, self.n_kv, max_len + 1, self.head_dim, self.dtype,
+                             self.device)
         # Each block's projection groups: the module paths the adapter bank knows them by, and their fused
         # base-weight product (packed for the CPU's GEMM library: server/kernels.py).
         path_of = {id(m): n for n, m in model.named_modules()}
@@ -178,23 +188,31 @@ class ModelRunner:
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, chunks: list[Chunk],
-             plan: Plan | None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+             plan: Plan | None, span: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """One forward over rows 0..n-1 decoding one token each (``tokens`` and ``positions``: (n,)), plus prompt
         chunks of other rows. The weights are read once for all of it, which is what makes adding prefill to a
         decode step nearly free on a memory-bound machine.
+
+        ``span``: the decode rows attend over cache positions [0, span) (masked beyond each row's own); by
+        default the longest row's length. A fixed span (the cache's capacity), with no chunks, makes the step's
+        shapes and work independent of the positions and free of host synchronisation, as a CUDA graph needs;
+        the cache must then be finite up to it (``cache.ensure_clean``), and rows padding a batch to a fixed
+        size take position ``spare``.
 
         Returns the decode rows' logits (n, vocab) fp32, and per chunk the logits after its last token
         (vocab,) when the chunk ends its prompt, else None."""
         n = int(tokens.shape[0])
         dev = self.device
+        fixed = span is not None
         ids = torch.cat([tokens.to(dev)] + [torch.tensor(c.token_ids, device=dev) for c in chunks])  # (N,)
         pos = torch.cat([positions.to(dev)] + [torch.arange(c.start, c.end, device=dev) for c in chunks])  # (N,)
         bounds, offset = [], n
         for c in chunks:
             bounds.append((offset, offset + len(c.token_ids)))
             offset += len(c.token_ids)
-        span = int(positions.max()) + 1 if n else 0  # decode rows attend over positions < span
-        self.cache.ensure_clean(max([span] + [c.end for c in chunks]))
+        if not fixed:
+            span = int(positions.max()) + 1 if n else 0  # decode rows attend over positions < span
+            self.cache.ensure_clean(max([span] + [c.end for c in chunks]))
         rows = torch.arange(n, device=dev)
         # (n, 1, 1, span): True where a position lies beyond the row's own length
         masked = (torch.arange(span, device=dev)[None, :] > positions.to(dev)[:, None])[:, None, None, :]
@@ -224,7 +242,7 @@ class ModelRunner:
                 out[a:b] = attn[0].transpose(0, 1).reshape(b - a, -1)  # (T, H*hd)
             h = self._block_tail(i, h, out, plan)
         last = [b - 1 for c, (_, b) in zip(chunks, bounds) if c.last]
-        picked = torch.cat([rows, torch.tensor(last, dtype=torch.long, device=dev)])
+        picked = torch.cat([rows, torch.tensor(last, dtype=torch.long, device=dev)]) if last else rows
         logits = self.lm_head(self.decoder.norm(h[picked])).float()  # (n + chunks that end, vocab)
         chunk_logits, j = [], n
         for c in chunks:

@@ -235,3 +235,114 @@ def test_new_state_serves_new_requests_and_leaves_requests_in_flight_alone(tiny_
             engine.submit("dense-b", "x", SamplingParams(), "test", asyncio.new_event_loop())
     finally:
         engine.stop()
+
+
+# -- one request's failure is that request's alone -------------------------------------------------------------
+
+FAULT_MIX = [("sparse-a", "the cat sat", 12), (BASE, "hello there", 10), ("chain-d", "a chained task", 11)]
+
+
+async def outcome(handle, timeout: float = 20):
+    """("ok", tokens) or ("failed", error), within ``timeout`` (a request never answered fails the test)."""
+    try:
+        tokens, _, _ = await asyncio.wait_for(collect(handle), timeout)
+        return "ok", tokens
+    except asyncio.TimeoutError:
+        raise AssertionError("the request was never answered") from None
+    except Exception as e:
+        return "failed", e
+
+
+def run_with_bad(engine, bad: tuple, delays=(0, 0.02, 0.04, 0.06)):
+    """The good requests of FAULT_MIX with ``bad`` (task, prompt, params) submitted among them."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        reqs = [(t, p, SamplingParams(max_new_tokens=n)) for t, p, n in FAULT_MIX[:2]] + [bad] + \
+            [(t, p, SamplingParams(max_new_tokens=n)) for t, p, n in FAULT_MIX[2:]]
+
+        async def one(i, req):
+            await asyncio.sleep(delays[i])
+            return await outcome(engine.submit(*req, "test", loop))
+        return await asyncio.gather(*(one(i, r) for i, r in enumerate(reqs)))
+    results = asyncio.run(main())
+    return results[:2] + results[3:], results[2]
+
+
+def check_good(tiny_base, bank, good):
+    _, refs = bank
+    for (task, prompt, n), (status, tokens) in zip(FAULT_MIX, good):
+        assert status == "ok", (task, tokens)
+        assert tokens == reference_greedy(tiny_base, refs, task, prompt, n), task
+
+
+def test_a_request_whose_admission_fails_is_answered_and_alone_in_failing(tiny_base, bank, monkeypatch):
+    import server.engine as engine_module
+    real = engine_module.make_generator
+
+    def make_generator(params):
+        if params.seed == 666:
+            raise RuntimeError("bad generator")
+        return real(params)
+    monkeypatch.setattr(engine_module, "make_generator", make_generator)
+    engine = make_engine(tiny_base, bank[0], max_batch=4)
+    try:
+        good, (status, error) = run_with_bad(
+            engine, ("sparse-a", "x", SamplingParams(max_new_tokens=5, temperature=1.0, seed=666)))
+        assert status == "failed" and error.status == 500 and "RuntimeError" in error.message
+        check_good(tiny_base, bank, good)
+        assert engine.running == 0
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["torch", "kernel"])
+def test_a_prompt_whose_forward_fails_fails_alone(tiny_base, bank, monkeypatch, compiled, request):
+    """The forward with the bad prompt's chunk raises: the decode rows and every other chunk of that step are
+    run again apart, and only the bad request fails (its cache row is zeroed)."""
+    kernel = request.getfixturevalue("sparse_kernel") if compiled else None
+    engine = make_engine(tiny_base, bank[0], max_batch=4, kernel=kernel)
+    poison = tiny_base.tokenizer("~POISON~", add_special_tokens=False)["input_ids"]
+    real_step = engine.runner.step
+
+    def step(tokens, positions, chunks, plan):
+        if any(c.token_ids[-len(poison):] == poison for c in chunks):
+            raise RuntimeError("this prompt breaks the forward")
+        return real_step(tokens, positions, chunks, plan)
+    monkeypatch.setattr(engine.runner, "step", step)
+    try:
+        good, (status, error) = run_with_bad(engine, ("dense-b", "~POISON~", SamplingParams(max_new_tokens=5)),
+                                             delays=(0, 0.05, 0.05, 0.05))
+        assert status == "failed" and error.status == 500
+        check_good(tiny_base, bank, good)
+        assert engine.running == 0
+    finally:
+        engine.stop()
+
+
+def test_a_row_that_fails_while_decoding_fails_alone(tiny_base, bank, monkeypatch):
+    """Detokenizing one row's token raises after a few tokens; the rows decoding beside it go on, and their
+    tokens are those of the reference (the failed row's cache was zeroed and its row given back)."""
+    import server.engine as engine_module
+    real = engine_module.Detokenizer
+
+    marker = tiny_base.tokenizer("!", add_special_tokens=False)["input_ids"][-1]
+
+    class Breaking(real):
+        def __init__(self, tokenizer, prompt_ids, stop):
+            super().__init__(tokenizer, prompt_ids, stop)
+            self.breaks, self.pushed = prompt_ids[-1:] == [marker], 0
+
+        def push(self, token_id):
+            self.pushed += 1
+            if self.breaks and self.pushed > 3:
+                raise ValueError("undecodable")
+            return super().push(token_id)
+    monkeypatch.setattr(engine_module, "Detokenizer", Breaking)
+    engine = make_engine(tiny_base, bank[0], max_batch=4)
+    try:
+        good, (status, error) = run_with_bad(engine, (STACK, "boom!", SamplingParams(max_new_tokens=20)))
+        assert status == "failed" and "ValueError" in error.message
+        check_good(tiny_base, bank, good)
+        assert engine.running == 0
+    finally:
+        engine.stop()
