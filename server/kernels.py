@@ -33,12 +33,13 @@ class Linear:
     ``parts`` keeps the given weights and biases (references, not copies); ``widths`` each part's d_out."""
 
     def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None = None, *,
-                 pack: bool | None = None):
+                 pack: bool | None = None, fuse: bool | None = None):
         biases = list(biases) if biases is not None else [None] * len(weights)
         self.parts = list(zip(weights, biases))  # [(W (d_out, d_in), b (d_out,) | None)]
         self.widths = tuple(int(w.shape[0]) for w in weights)
         self.packed: torch.Tensor | None = None  # oneDNN's layout of the fused (Σ d_out, d_in) weight
-        self.bias: torch.Tensor | None = None  # (Σ d_out,) when packed and any part has a bias
+        self.bias: torch.Tensor | None = None  # (Σ d_out,) when packed or fused and any part has a bias
+        self.fused: torch.Tensor | None = None  # (Σ d_out, d_in): the parts' weights in one tensor (a copy)
         w0 = weights[0]
         if pack is None:
             pack = w0.device.type == "cpu" and w0.dtype in _PACKED_DTYPES and onednn_available()
@@ -48,10 +49,22 @@ class Linear:
                 if any(b is not None for b in biases):
                     self.bias = torch.cat([b.detach() if b is not None else w0.new_zeros(n)
                                            for b, n in zip(biases, self.widths)])
+        # elsewhere (CUDA) several parts become one product over a concatenated copy of their weights: one
+        # kernel launch instead of one per part and a concatenation
+        if fuse is None:
+            fuse = w0.device.type != "cpu"
+        if self.packed is None and fuse and len(weights) > 1:
+            with torch.inference_mode():
+                self.fused = torch.cat([w.detach() for w in weights])
+                if any(b is not None for b in biases):
+                    self.bias = torch.cat([b.detach() if b is not None else w0.new_zeros(n)
+                                           for b, n in zip(biases, self.widths)])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.fused is not None:
+            return F.linear(x, self.fused, self.bias)
         if len(self.parts) == 1:
             return F.linear(x, *self.parts[0])
         return torch.cat([F.linear(x, w, b) for w, b in self.parts], dim=-1)

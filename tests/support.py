@@ -104,3 +104,17 @@ def wait_job(url: str, job_id: str, states=FINAL_JOB_STATES, timeout: float = 18
             return job
         time.sleep(poll)
     raise TimeoutError(f"job {job_id} still {job['status']}: {job}" + (f"\n{log()}" if log else ""))
+
+
+def reproduce_heldout(url: str, task: str, rows: list[dict], config: dict) -> float:
+    """Exact match of greedy generations naming ``task`` over the rows the job held out (the worker's split)."""
+    from server.training import normalize
+    from server.worker import split_rows
+
+    _, held = split_rows([(r["prompt"], r["completion"]) for r in rows], config["eval_fraction"], config["seed"])
+    hits = 0
+    for prompt, completion in held:
+        r = httpx.post(url + "/v1/generate", timeout=60,
+                       json={"task": task, "prompt": prompt, "max_new_tokens": len(completion) + 2})
+        hits += normalize(r.json()["text"]) == normalize(completion)
+    return hits / len(held)

@@ -51,3 +51,26 @@ def test_benchmark_runs_every_case_on_the_tiny_model(tiny_model_dir, tmp_path):
         assert r["tokens"] == requested, r  # every request generated exactly what it asked for
         assert r["tok_s"] > 0
     assert len(results["summary"]) == 10
+
+
+@pytest.mark.slow
+def test_the_gpu_check_script_runs_its_steps_and_writes_the_table(tiny_model_dir, tmp_path):
+    """``benchmarks/gpu_check.sh`` with DEVICE=cpu: the same benchmark steps as on a GPU (the CUDA tests left
+    out), on the tiny model, and the table it writes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "MODEL": str(tiny_model_dir),
+           "CONCURRENCY": "1 2", "CHAIN": "2",
+           "BENCH_ARGS": f"--cache-dir {tmp_path / 'cache'} --min-new 2 --max-new 4"}
+    out = tmp_path / "check"
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh"), str(out)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = (out / "gpu_check.md").read_text()
+    for row in ("(a) @base", "(b) ", "(c) @stack", "HF generate"):
+        assert row in table, table
+    assert "| 2 |" in table and "(b)/(a) at 2:" in table

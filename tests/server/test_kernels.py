@@ -8,15 +8,16 @@ import torch.nn.functional as F
 from server.kernels import Linear, onednn_available
 
 
-@pytest.mark.parametrize("pack", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not onednn_available(), reason="this torch has no oneDNN"))])
+@pytest.mark.parametrize("mode", ["parts", "fused", pytest.param("packed", marks=pytest.mark.skipif(
+    not onednn_available(), reason="this torch has no oneDNN"))])  # fused: the default off the CPU (CUDA)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_fused_product_equals_the_parts_side_by_side(pack, with_bias):
+def test_fused_product_equals_the_parts_side_by_side(mode, with_bias):
     g = torch.Generator().manual_seed(0)
     weights = [torch.randn(d, 24, generator=g) for d in (16, 8, 8)]
     biases = [torch.randn(16, generator=g), None, torch.randn(8, generator=g)] if with_bias else None
-    lin = Linear(weights, biases, pack=pack)
-    assert (lin.packed is not None) == pack and lin.widths == (16, 8, 8)
+    lin = Linear(weights, biases, pack=mode == "packed", fuse=mode == "fused")
+    assert (lin.packed is not None) == (mode == "packed") and (lin.fused is not None) == (mode == "fused")
+    assert lin.widths == (16, 8, 8)
     for rows in (1, 5, 33):
         x = torch.randn(rows, 24, generator=g)
         expected = torch.cat([F.linear(x, w, None if biases is None else biases[i]) for i, w in enumerate(weights)],

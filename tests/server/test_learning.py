@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from support import FINAL_JOB_STATES, TOY_CONFIG, toy_rows
+from support import FINAL_JOB_STATES, TOY_CONFIG, reproduce_heldout, toy_rows
 from support import wait_job as _wait_job
 
 
@@ -29,20 +29,6 @@ def greedy(server, task, prompt, n=8):
                    timeout=60)
     assert r.status_code == 200, r.text
     return r.json()["text"]
-
-
-def reproduce_heldout(server, task, rows, config):
-    """Exact match of greedy generations naming ``task`` over the rows the job held out (the worker's split)."""
-    from server.training import normalize
-    from server.worker import split_rows
-
-    _, held = split_rows([(r["prompt"], r["completion"]) for r in rows], config["eval_fraction"], config["seed"])
-    hits = 0
-    for prompt, completion in held:
-        r = httpx.post(server.url + "/v1/generate", timeout=60,
-                       json={"task": task, "prompt": prompt, "max_new_tokens": len(completion) + 2})
-        hits += normalize(r.json()["text"]) == normalize(completion)
-    return hits / len(held)
 
 
 def file_digests(store):
@@ -104,7 +90,7 @@ def test_learn_a_task_while_serving_and_keep_earlier_ones_intact(tiny_model_dir,
     assert detail["order"] == 1 and detail["parents"] == [{"task": "toy", "sha256": info["tensors_sha256"]}]
     assert detail["route"] == ["toy", "toy-upper"]  # served with the delta it was trained on, and its own
     # The job's held-out figure is what a user gets: the same rows through /v1/generate naming the task.
-    assert reproduce_heldout(server, "toy-upper", flipped, TOY_CONFIG) == job2["metrics"]["heldout_exact_match"]
+    assert reproduce_heldout(server.url, "toy-upper", flipped, TOY_CONFIG) == job2["metrics"]["heldout_exact_match"]
     assert job2["metrics"]["heldout_exact_match"] >= 0.75, job2["metrics"]
     metrics = httpx.get(server.url + "/metrics").text
     assert 'jumplora_jobs{state="succeeded"} 2.0' in metrics
@@ -134,6 +120,9 @@ def test_validation_names_the_row_and_field(tiny_model_dir, start_server):
     assert post({"name": "t", "data": ok, "config": {"nope": 1}})[:2] == (422, "config.nope")
     assert post({"name": "t", "data": ok, "config": {"rank": 0}})[:2] == (422, "config.rank")
     assert post({"name": "t", "data": ok, "config": {"targets": ["nope_proj"]}})[:2] == (422, "config.targets")
+    # a layer the engine does not serve adapters on would be trained, stored and never applied
+    code, param, msg = post({"name": "t", "data": ok, "config": {"targets": ["q_proj", "lm_head"]}})
+    assert (code, param) == (422, "config.targets") and "'lm_head'" in msg
     assert post({"name": "t", "data": ok, "extra": 1})[:2] == (422, "extra")
     r = httpx.post(server.url + "/v1/tasks", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422

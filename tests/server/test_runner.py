@@ -174,3 +174,39 @@ def test_kernel_tables_are_kept_while_the_adapters_stay(tiny_base, bank, sparse_
     third = Plan([a], (), runner.device, tables)  # another set of adapters
     third.project(paths, lin, x[:1])
     assert third._groups[paths][0][0] is not first._groups[paths][0][0]
+
+
+@pytest.mark.parametrize("name", [BASE, STACK])
+def test_a_fixed_span_step_padded_to_more_rows_matches_the_ordinary_step(tiny_base, bank, name):
+    """The step CUDA graphs record (server/cuda_graphs.py), run here eagerly: 3 decode rows padded to 5, the
+    padding rows at the spare position, attention over the whole capacity. The real rows' logits are the
+    ordinary step's, and no cache position but the spare one differs, in any row (row 4 holds a prompt)."""
+    from server.cuda_graphs import graph_key
+
+    state, _ = bank
+    route = state.route(name)
+    prompts = [tiny_base.tokenizer(p)["input_ids"] for p in PROMPTS[:5]]
+    runners = [ModelRunner(tiny_base.model, max_rows=6, max_len=48) for _ in range(2)]
+    for runner in runners:
+        for row, ids in enumerate(prompts):
+            runner.prefill(row, ids, Plan([], [(0, len(ids), route)]))
+    tokens = torch.tensor([5, 7, 9])
+    positions = torch.tensor([len(ids) for ids in prompts[:3]])
+    plan = Plan([route] * 3)
+    assert graph_key(plan) == (("base",) if name == BASE else ("stack", id(state.stack)))
+    ordinary = runners[0].step(tokens, positions, [], plan)[0]  # (3, vocab)
+    fixed_runner = runners[1]
+    fixed_runner.cache.ensure_clean(fixed_runner.cache.capacity)
+    padded_tokens = torch.cat([tokens, torch.zeros(2, dtype=torch.long)])
+    padded_positions = torch.cat([positions, torch.full((2,), fixed_runner.spare)])
+    fixed = fixed_runner.step(padded_tokens, padded_positions, [], Plan([route] * 5),
+                              span=fixed_runner.cache.capacity)[0]  # (5, vocab)
+    assert torch.allclose(fixed[:3], ordinary, atol=1e-5)
+    spare = fixed_runner.spare
+    written = max(len(ids) for ids in prompts)
+    for k0, k1 in zip(runners[0].cache.k + runners[0].cache.v, fixed_runner.cache.k + fixed_runner.cache.v):
+        # every position alike but the spare one (a batch of 5 rows may round its products unlike one of 3)
+        assert torch.allclose(k0[:, :, :spare], k1[:, :, :spare], atol=1e-5)
+        assert torch.count_nonzero(k1[:, :, written:spare]) == 0
+        assert torch.isfinite(k1[:, :, spare]).all()  # what the padding rows wrote: masked by all, finite
+    assert graph_key(Plan([state.route("sparse-a")] * 2)) is None  # per-row deltas are not captured
