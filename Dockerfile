@@ -30,6 +30,9 @@ RUN make setup PYTHON=python3 TORCH_INDEX=${TORCH_INDEX} \
  && .venv/bin/python -c "from server.model import convert_default_model; convert_default_model('/app/model-cache')"
 
 # Settings are environment variables (see README, Configuration); the store and cache live on volumes.
+# The server binds every interface here, so it starts only with an admin key (learning, deleting, export):
+#   docker run -p 8000:8000 -e JUMPLORA_ADMIN_KEY=<key> [-e JUMPLORA_API_KEY=<read key>] jumplora-server
+# (JUMPLORA_INSECURE=true starts it without one, every admin route open to whoever reaches the port.)
 ENV JUMPLORA_HOST=0.0.0.0 \
     JUMPLORA_PORT=8000 \
     JUMPLORA_MODEL=/app/model-cache/models/SmolLM2-135M-Instruct \
