@@ -60,3 +60,10 @@ class Settings(BaseSettings):
 
     prefill_budget: int = Field(256, ge=1, description="prompt tokens prefilled per step, in the same forward "
                                 "as the decode rows (longer prompts are chunked)")
+    max_queued_jobs: int = Field(16, ge=1, le=100_000, description="training jobs waiting to run; one more "
+                                 "POST /v1/tasks gets 429")
+    max_job_seconds: float = Field(6 * 3600.0, gt=0, description="wall-clock limit of one training job: its "
+                                   "worker is stopped and the job fails (timed out)")
+    job_retention_s: float = Field(7 * 86400.0, gt=0, description="finished jobs' records are deleted this long "
+                                   "after they finished (their datasets as soon as they finish)")
+    max_job_records: int = Field(1000, ge=1, description="finished jobs' records kept at most (the newest)")

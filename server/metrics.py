@@ -47,6 +47,9 @@ class Metrics:
                                    "Share of delta entries the running job's gate keeps", registry=r)
         self.train_tokens_per_s = Gauge("jumplora_training_tokens_per_second",
                                         "Training throughput of the running job", registry=r)
+        self.jobs_loop_errors = Counter("jumplora_jobs_loop_errors",
+                                        "Errors that escaped a turn of the jobs thread (it backs off and retries)",
+                                        registry=r)
         self.register_seconds = Histogram("jumplora_register_seconds",
                                           "Time from a stored adapter to the engine serving it",
                                           buckets=LATENCY_BUCKETS, registry=r)

@@ -179,6 +179,13 @@ class Registry:
 
     # -- refreshing ---------------------------------------------------------------------------------------------
 
+    def why_unserved(self, name: str) -> str | None:
+        """None if ``name`` is in the state the last refresh built, else why not (its refusal's reason)."""
+        with self._lock:
+            if name in self._loaded:
+                return None
+            return self._refused.get(name, "it was not loaded (is it in the store?)")
+
     def pending(self) -> bool:
         """Cheap (a directory listing): has the store gained or lost adapters since the last refresh? Adapters
         refused once are not retried."""

@@ -268,6 +268,7 @@ class Readiness(BaseModel):
     status: str
     model: str | None = None
     tasks: int | None = None
+    jobs: str | None = Field(None, description='the jobs thread: "ok", or "failing: <why>" while it retries')
     detail: str | None = None
 
 
