@@ -11,7 +11,9 @@ q/k/v: ``server/runner.py``), one ``GroupDelta``: the group's layers' rows one a
 in one of three forms, chosen when it is loaded:
   * sparse (CSR, int32 indices; values bf16 as stored, fp32 for sums) up to ``DENSE_ABOVE`` density. On CPU in
     fp32 these go through the compiled kernel of ``server/sparse_kernel.py`` (each adapter's delta read once
-    per 16 of its positions, straight into the outputs); elsewhere through torch's CSR product, per adapter.
+    per 16 of its positions, straight into the outputs); on CUDA through the Triton kernel of
+    ``server/triton_delta.py`` (every sparse adapter of a group in one launch); elsewhere through torch's CSR
+    product, per adapter.
   * dense above that (one oneDNN product per adapter over its positions): ``@stack`` sums of many tasks.
   * low rank (A, B) for dense-LoRA baseline adapters: s·(x·Aᵀ)·Bᵀ is cheaper than either.
 
@@ -245,13 +247,14 @@ def build_state(tasks: list[tuple[TaskInfo, Route]], stack: Adapter | None, vers
 
 
 class KernelTables:
-    """The kernel's per-group argument tables, kept across plans while the same adapters stay in the batch (one
-    per projection group and set of adapters; a few thousand at most)."""
+    """The sparse-delta kernel's per-group argument tables, kept across plans while the same adapters stay in the
+    batch (one per projection group and set of adapters; a few thousand at most)."""
 
     LIMIT = 4096
 
-    def __init__(self, kernel: SparseDeltaKernel):
-        self.kernel = kernel
+    def __init__(self, kernel):
+        self.kernel = kernel  # the CPU kernel (SparseDeltaKernel), or on CUDA the Triton one (TritonDeltas)
+        self.on_device = not isinstance(kernel, SparseDeltaKernel)
         self._tables: dict[tuple, object] = {}
         self._scratch = torch.empty(0, dtype=torch.float32)  # the kernel's interleaved inputs, grown as needed
 
@@ -318,9 +321,14 @@ class Plan:
             starts = [0]
             for _, positions in on_kernel:
                 starts.append(starts[-1] + len(positions))
-            kernel = (self.kernel.get([d for d, _ in on_kernel]),
-                      torch.tensor(starts, dtype=torch.int32),  # (T + 1,) adapter t's positions in k_rows
-                      torch.tensor([i for _, p in on_kernel for i in p], dtype=torch.int32))  # (Σ,) by adapter
+            rows = [i for _, p in on_kernel for i in p]
+            table = self.kernel.get([d for d, _ in on_kernel])
+            if self.kernel.on_device:  # the Triton kernel: the positions grouped once, on the device
+                kernel = (table, self.kernel.kernel.positions(starts, rows, self.device), None)
+            else:
+                kernel = (table,
+                          torch.tensor(starts, dtype=torch.int32),  # (T + 1,) adapter t's positions in rows
+                          torch.tensor(rows, dtype=torch.int32))  # (Σ,) the positions, by adapter
         return kernel, rest
 
     def project(self, layers: tuple[str, ...], lin: Linear, x: torch.Tensor) -> torch.Tensor:
@@ -336,8 +344,11 @@ class Plan:
         kernel, rest = self._groups[layers]
         if kernel is not None:
             table, starts, rows = kernel
-            scratch = self.kernel.scratch(self.kernel.kernel.scratch_size(table, rows.numel()))
-            self.kernel.kernel.add(table, starts, rows, x if x.stride(1) == 1 else x.contiguous(), y, scratch)
+            if rows is None:  # Triton (starts: its grouped positions)
+                self.kernel.kernel.add_at(table, starts, x, y)
+            else:
+                scratch = self.kernel.scratch(self.kernel.kernel.scratch_size(table, rows.numel()))
+                self.kernel.kernel.add(table, starts, rows, x if x.stride(1) == 1 else x.contiguous(), y, scratch)
         for delta, index in rest:
             if isinstance(index, slice):
                 y[index] += delta.apply(x[index]).to(y.dtype)

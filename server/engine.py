@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .bank import BASE, BankState, KernelTables, Plan, Route
+from . import triton_delta
 from .sparse_kernel import SparseDeltaKernel, applies_to
 from .errors import (BadRequest, EngineError, InvalidRequest, JumploraError, NotFound, NotReady, Overloaded,
                      PayloadTooLarge)
@@ -129,7 +130,7 @@ class Engine:
     def __init__(self, runner: ModelRunner, tokenizer, state: BankState, metrics: Metrics, *, max_batch: int,
                  max_queue: int, max_len: int, prefill_budget: int = 512, max_prompt_tokens: int | None = None,
                  max_new_tokens: int | None = None, sparse_kernel: SparseDeltaKernel | None = None,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, triton: bool = False):
         self.runner, self.tokenizer, self.metrics = runner, tokenizer, metrics
         self.max_batch, self.max_queue, self.max_len = max_batch, max_queue, max_len
         self.prefill_budget = prefill_budget
@@ -152,9 +153,13 @@ class Engine:
         self._stopped = threading.Event()
         self.step_times: collections.deque[float] = collections.deque(maxlen=64)
         self._outbox = Outbox()
-        # the compiled kernel does the sparse deltas where it applies (fp32 on CPU), with its tables kept here
-        use = sparse_kernel is not None and applies_to(runner.device, runner.dtype)
-        self._kernel = KernelTables(sparse_kernel) if use else None
+        # the compiled kernel does the sparse deltas where it applies (fp32 on CPU), the Triton kernel on CUDA;
+        # their tables are kept here
+        self._kernel = None
+        if sparse_kernel is not None and applies_to(runner.device, runner.dtype):
+            self._kernel = KernelTables(sparse_kernel)
+        elif triton and triton_delta.applies_to(runner.device):
+            self._kernel = KernelTables(triton_delta.TritonDeltas())
         self._graphs = None  # on CUDA: decode steps without task adapters replayed from graphs
         if cuda_graphs and runner.device.type == "cuda":
             from .cuda_graphs import DecodeGraphs

@@ -170,3 +170,30 @@ def test_imports_without_triton(monkeypatch):
     spec.loader.exec_module(module)
     assert not module.available()
     assert not module.applies_to(torch.device("cuda"))
+
+
+def test_the_plan_serves_mixed_routes_through_the_triton_kernel(tiny_base, tmp_path):
+    """The engine's plan with the Triton kernel (as on CUDA, here interpreted on the CPU) against the same plan
+    on torch's products: decode rows on routes of one and two adapters (a chain), @base, and a prompt segment,
+    over every projection group of the tiny model."""
+    from server.bank import BASE, KernelTables, Plan
+    from server.kernels import Linear
+    from support import make_bank
+
+    state, _ = make_bank(tiny_base.model, tmp_path / "bank", tiny_base.fingerprint)
+    rows = [state.route(n) for n in ("sparse-a", "chain-d", BASE, "dense-b", "chain-d", "lowrank-c")]
+    segments = [(6, 10, state.route("chain-d")), (10, 12, state.route("sparse-a"))]
+    tables = KernelTables(td.TritonDeltas(block_r=16, block_p=4))
+    with_kernel = Plan(rows, segments, torch.device("cpu"), tables)
+    without = Plan(rows, segments, torch.device("cpu"))
+    g = torch.Generator().manual_seed(5)
+    used = 0
+    for layers, delta in state.route("chain-d")[-1].groups.items():
+        d_in = delta.shape[1]
+        lin = Linear([torch.zeros(delta.shape[0], d_in)], pack=False)
+        x = torch.randn(12, d_in, generator=g)
+        expected = without.project(layers, lin, x)
+        got = with_kernel.project(layers, lin, x)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        used += with_kernel._groups[layers][0] is not None
+    assert used > 0  # the kernel did the sparse adapters' part (dense and low-rank ones stay on torch)
