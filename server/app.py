@@ -74,7 +74,9 @@ class ServerState:
                 JobFiles(self.store.root / ".jobs"), self._worker_command(), self.store.exists, self.store.manifest,
                 self._register, self.metrics,
                 worker_env={"OMP_NUM_THREADS": str(s.train_threads), "TOKENIZERS_PARALLELISM": "false"},
-                on_training=self._share_cores)
+                on_training=self._share_cores, unserved=self.registry.why_unserved,
+                max_queued=s.max_queued_jobs, max_seconds=s.max_job_seconds, retention_s=s.job_retention_s,
+                max_records=s.max_job_records)
             self.jobs.start()
             threading.Thread(target=self._watch_store, name="store-watch", daemon=True).start()
         except Exception as e:  # reported by /readyz and by every route that needs the model

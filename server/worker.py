@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import time
+import traceback
 from pathlib import Path
 
 
@@ -95,10 +96,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         run(args)
-    except Exception as e:  # reported to the manager, which records it in the job
-        emit("error", message=f"{type(e).__name__}: {e}")
+    except Exception as e:  # the message goes to the job (read-key holders see it), the traceback to the log
+        traceback.print_exc()
+        emit("error", message=user_message(e, {args.store: "<store>", args.model: "<model>"}))
         return 1
     return 0
+
+
+def user_message(e: Exception, folders: dict[str, str]) -> str:
+    """``Type: message`` with the server's folders named, not shown (``<store>``, ``<model>``)."""
+    message = f"{type(e).__name__}: {e}"
+    for folder, name in folders.items():
+        for form in sorted({str(Path(folder).resolve()), str(folder)}, key=len, reverse=True):
+            message = message.replace(form, name)
+    return message[:1000]
 
 
 def run(args) -> None:

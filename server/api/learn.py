@@ -89,7 +89,7 @@ async def learn(request: Request, state: Ready) -> LearnAccepted:
     served = state.engine.state.tasks
     if cfg.parent not in ("@stack", "@base") and cfg.parent not in served:
         raise NotFound(f"config.parent: task {cfg.parent!r} is not served", param="config.parent")
-    pending = sum(j.status in ("queued", "running") for j in state.jobs.list())
+    pending = state.jobs.pending_count()
     if len(served) + pending >= state.settings.max_tasks:
         raise StorageError(f"the server holds {len(served)} task(s) and {pending} queued or running job(s), "
                            f"max_tasks={state.settings.max_tasks}: delete a task or raise max_tasks",

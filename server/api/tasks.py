@@ -52,10 +52,9 @@ async def delete_task(name: str, state: Ready) -> TaskDeleted:
     if children:
         raise Conflict(f"task {name!r} is part of the route of {len(children)} served task(s) "
                        f"({', '.join(children[:5])}); delete those first", param="name")
-    for job in state.jobs.list():
+    for job in state.jobs.running():
         parent = job.config.get("parent", "@stack")
-        if job.status == "running" and (parent == "@stack" or parent == name or
-                                        (parent in tasks and name in tasks[parent].route)):
+        if parent == "@stack" or parent == name or (parent in tasks and name in tasks[parent].route):
             raise Conflict(f"job {job.id} is training task {job.task!r} on top of {name!r}; wait for it or "
                            "cancel it", param="name")
     trashed = await run_in_threadpool(state.delete_task, name)
