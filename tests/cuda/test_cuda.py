@@ -106,22 +106,25 @@ def test_engine_with_graphs_gives_the_tokens_of_the_eager_engine(tiny_model_dir,
 
 
 def test_triton_kernel_on_cuda_matches_torch(cuda_bank):
-    """The sparse deltas of task adapters through the plan on CUDA (the Triton kernel) against the dense sum."""
-    from server.bank import Plan
+    """The plan on CUDA with the Triton kernel (compiled, not interpreted) against the same plan on torch's
+    products, over every projection group, decode rows and a prompt segment on mixed routes."""
+    from server import triton_delta
+    from server.bank import BASE, KernelTables, Plan
     from server.kernels import Linear
 
-    state, refs = cuda_bank
-    routes = [state.route(n) for n in ("sparse-a", "chain-d", "dense-b", "lowrank-c", "sparse-a")]
-    layers, delta = next(iter(state.route("sparse-a")[0].groups.items()))
-    d_in = delta.shape[1]
-    weights = [torch.zeros(w, d_in, device="cuda", dtype=torch.bfloat16) for w in (delta.shape[0],)]
-    lin = Linear(weights)
-    x = torch.randn(len(routes), d_in, device="cuda", dtype=torch.bfloat16)
-    y = Plan(routes, (), "cuda").project(layers, lin, x).float()
-    names = ("sparse-a", "chain-d", "dense-b", "lowrank-c", "sparse-a")
-    for i, name in enumerate(names):
-        want = torch.cat([refs[name][layer].cuda().float() for layer in layers]) @ x[i].float()
-        assert torch.allclose(y[i], want, atol=5e-2, rtol=5e-2), name
+    state, _ = cuda_bank
+    assert triton_delta.applies_to(torch.device("cuda"))
+    rows = [state.route(n) for n in ("sparse-a", "chain-d", BASE, "dense-b", "chain-d", "lowrank-c")]
+    segments = [(6, 10, state.route("chain-d"))]
+    dev = torch.device("cuda")
+    with_kernel = Plan(rows, segments, dev, KernelTables(triton_delta.TritonDeltas()))
+    without = Plan(rows, segments, dev)
+    for layers, delta in state.route("chain-d")[-1].groups.items():
+        lin = Linear([torch.zeros(delta.shape[0], delta.shape[1], device=dev, dtype=torch.bfloat16)])
+        x = torch.randn(10, delta.shape[1], device=dev, dtype=torch.bfloat16)
+        got, expected = with_kernel.project(layers, lin, x).float(), without.project(layers, lin, x).float()
+        assert torch.allclose(got, expected, atol=2e-2, rtol=2e-2), layers
+        assert with_kernel._groups[layers][0] is not None
 
 
 def test_a_server_on_cuda_learns_with_its_worker_on_the_gpu(tiny_model_dir, start_server):
