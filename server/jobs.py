@@ -483,9 +483,10 @@ class JobManager:
         current = self.files.load(job.id)  # another replica may have cancelled it meanwhile
         if current is None or current.status != "queued" or self.files.cancel_path(job.id).exists():
             if current is not None and current.status == "queued":
-                current.status, current.finished_at = "cancelled", _now()
-                self._save(current)
-                self.files.remove(job.id, ".jsonl")
+                with self._lock:
+                    current.status, current.finished_at = "cancelled", _now()
+                    self._save(current)
+                    self.files.remove(job.id, ".jsonl")
             self._reload()
             return
         with self._lock:
@@ -610,8 +611,8 @@ class JobManager:
         """Record the final state (paths of the store shown as ``<store>``) and delete the job's dataset."""
         if error is not None:
             error = error.replace(str(self.files.root.parent), "<store>")
-        with self._lock:
+        with self._lock:  # the dataset is gone by the time anyone sees the job final
             job.status, job.error, job.finished_at = status, error, _now()
             self._save(job)
-        self.files.remove(job.id, ".jsonl")
+            self.files.remove(job.id, ".jsonl")
         log.info("job %s (%s): %s%s", job.id, job.task, status, f": {error}" if error else "")
