@@ -15,12 +15,13 @@ from .errors import (
     StoreWriteError,
     UnsupportedFormat,
 )
-from .manifest import FORMAT_VERSION, TASK_NAME_RE
+from .manifest import FORMAT_VERSION, TASK_NAME_RE, TASK_NAME_RULE, is_task_name
 from .store import AdapterStore, StoredAdapter
 
 __all__ = [
     "FORMAT_VERSION",
     "TASK_NAME_RE",
+    "TASK_NAME_RULE",
     "AdapterExists",
     "AdapterNotFound",
     "AdapterStore",
@@ -35,4 +36,5 @@ __all__ = [
     "StoreWriteError",
     "StoredAdapter",
     "UnsupportedFormat",
+    "is_task_name",
 ]

@@ -10,7 +10,12 @@ from datetime import datetime, timezone
 from .errors import CorruptAdapter, InvalidTaskName, UnsupportedFormat
 
 FORMAT_VERSION = 1
+# The one task-name rule, shared by the store, the server and the OpenAPI document. Always matched in full
+# (``is_task_name``): with ``re.match`` the ``$`` would also accept a trailing newline ("abc\n").
 TASK_NAME_RE = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+TASK_NAME_RULE = ("lower-case letters, digits, '.', '_', '-'; 1 to 64 characters; starting with a letter or digit; "
+                  "names starting with '@' are reserved")
+_TASK_NAME = re.compile(TASK_NAME_RE)
 
 METHODS = ("jumplora", "lora")
 REGULARIZERS = ("incremental", "ella")
@@ -20,11 +25,16 @@ STORE_FIELDS = ("format_version", "task", "layers", "tensors_sha256")  # set by 
 
 def check_task_name(task: object) -> str:
     """Return `task` if it is a valid adapter name, else raise InvalidTaskName."""
-    if isinstance(task, str) and re.fullmatch(TASK_NAME_RE, task):
+    if is_task_name(task):
         return task
     if isinstance(task, str) and task.startswith("@"):
         raise InvalidTaskName(task, "names starting with '@' are reserved")
-    raise InvalidTaskName(str(task), f"invalid task name (must match {TASK_NAME_RE})")
+    raise InvalidTaskName(str(task), f"invalid task name ({TASK_NAME_RULE})")
+
+
+def is_task_name(task: object) -> bool:
+    """Whether `task` is a string that matches TASK_NAME_RE in full."""
+    return isinstance(task, str) and _TASK_NAME.fullmatch(task) is not None
 
 
 def _is_order(v: object) -> bool:

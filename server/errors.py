@@ -78,6 +78,19 @@ def error_body(message: str, type_: str, param: str | None = None) -> dict[str, 
     return {"error": {"message": message, "type": type_, "param": param}}
 
 
+def from_store_error(exc) -> JumploraError:
+    """The HTTP error of an ``adapters_store.StoreError``: a bad name 422, a missing adapter 404, an existing one
+    409; a store that cannot be written, or holds an adapter that does not verify (corrupt, foreign, malformed,
+    an unknown format), 507."""
+    from adapters_store import AdapterExists, AdapterNotFound, InvalidTaskName
+
+    for store_type, error, param in ((InvalidTaskName, InvalidRequest, "name"), (AdapterNotFound, NotFound, "name"),
+                                     (AdapterExists, Conflict, "name")):
+        if isinstance(exc, store_type):
+            return error(str(exc), param=param)
+    return StorageError(str(exc))
+
+
 _LOCATIONS = {"body", "query", "path", "header", "cookie"}
 
 
@@ -97,15 +110,15 @@ def install_error_handlers(app) -> None:
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
 
-    from adapters_store import StoreWriteError
+    from adapters_store import StoreError
 
     @app.exception_handler(JumploraError)
     async def _typed(_: Request, exc: JumploraError):
         return JSONResponse(error_body(exc.message, exc.type, exc.param), status_code=exc.status, headers=exc.headers)
 
-    @app.exception_handler(StoreWriteError)
-    async def _store_write(_: Request, exc: StoreWriteError):  # e.g. deleting a task on a read-only store
-        return JSONResponse(error_body(str(exc), StorageError.type), status_code=StorageError.status)
+    @app.exception_handler(StoreError)
+    async def _store(request: Request, exc: StoreError):  # e.g. deleting a task on a read-only store: 507
+        return await _typed(request, from_store_error(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):

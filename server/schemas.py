@@ -1,12 +1,11 @@
 """Pydantic models of the HTTP API and of a training job's configuration."""
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from adapters_store import TASK_NAME_RE
+from adapters_store import TASK_NAME_RE, is_task_name
 
 
 class TrainConfig(BaseModel):
@@ -40,7 +39,7 @@ class TrainConfig(BaseModel):
     @field_validator("parent")
     @classmethod
     def _parent(cls, v: str) -> str:
-        if v in ("@stack", "@base") or re.fullmatch(TASK_NAME_RE, v):
+        if v in ("@stack", "@base") or is_task_name(v):
             return v
         raise ValueError("must be @stack, @base or the name of a served task")
 
@@ -232,7 +231,7 @@ def learn_openapi() -> dict:
     config = _inline_refs(TrainConfig.model_json_schema())
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"type": "object", "required": ["name", "data"], "properties": {
-            "name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$"},
+            "name": {"type": "string", "pattern": TASK_NAME_RE},
             "data": {"type": "array", "items": row, "minItems": 1}, "config": config}}},
         "multipart/form-data": {"schema": {"type": "object", "required": ["name", "file"], "properties": {
             "name": {"type": "string"}, "file": {"type": "string", "format": "binary"},
