@@ -7,14 +7,16 @@ import json
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
+from starlette.datastructures import UploadFile
 
-from ..datasets import check_lengths, check_rows, check_task_name, parse_jsonl
+from ..datasets import TaskPayload, check_lengths, check_task_name, parse_jsonl, parse_task_json
 from ..errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, StorageError
 from ..model import target_linears
 from ..schemas import JobInfo, JobList, LearnAccepted, TrainConfig, learn_openapi
 from .deps import Ready, require_admin, require_read
 
 router = APIRouter(tags=["learning"])
+FORM_FIELDS = ("name", "file", "config")
 
 
 async def _body(request: Request, limit: int) -> bytes:
@@ -34,7 +36,7 @@ def _config(raw: object) -> TrainConfig:
     if raw is None:
         return TrainConfig()
     if not isinstance(raw, dict):
-        raise InvalidRequest("config: must be an object", param="config")
+        raise InvalidRequest(f"config: must be an object, not {type(raw).__name__}", param="config")
     try:
         return TrainConfig(**raw)
     except ValidationError as e:
@@ -43,47 +45,57 @@ def _config(raw: object) -> TrainConfig:
         raise InvalidRequest(f"config.{field}: {first['msg']}", param=f"config.{field}") from None
 
 
-async def _parse(request: Request, settings) -> tuple[str, list, TrainConfig]:
+def _form_payload(name: object, upload: UploadFile, config: object, settings) -> TaskPayload:
+    """The multipart form's fields, the JSONL file read line by line from its spooled file (off the loop)."""
+    check_task_name(name)
+    if config is not None:
+        if not isinstance(config, str):
+            raise InvalidRequest("config: must be a text field holding a JSON object", param="config")
+        try:
+            config = json.loads(config)
+        except (ValueError, RecursionError):
+            raise InvalidRequest("config: not valid JSON", param="config") from None
+        if not isinstance(config, dict):
+            raise InvalidRequest("config: must be a JSON object", param="config")
+    upload.file.seek(0)
+    rows = parse_jsonl(upload.file, max_rows=settings.max_dataset_rows, max_bytes=settings.max_dataset_bytes)
+    return TaskPayload(name, rows, config)
+
+
+def _json_payload(body: bytes, settings) -> TaskPayload:
+    payload = parse_task_json(body, max_rows=settings.max_dataset_rows)
+    check_task_name(payload.name)
+    return payload
+
+
+async def _parse(request: Request, settings) -> tuple[TaskPayload, str]:
+    """The posted task and the name of its rows' field. Reading the body stays on the event loop; decoding,
+    parsing and checking it run in a worker thread (a large dataset must not stall serving)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
-        form = await request.form(max_files=1, max_fields=8, max_part_size=1 << 20)
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise InvalidRequest("file: a JSONL file field is required", param="file")
-        data = await upload.read(settings.max_dataset_bytes + 1)
-        raw_rows = parse_jsonl(data, max_rows=settings.max_dataset_rows, max_bytes=settings.max_dataset_bytes)
-        raw_config = form.get("config")
-        try:
-            config = json.loads(raw_config) if raw_config else None
-        except ValueError:
-            raise InvalidRequest("config: not valid JSON", param="config") from None
-        name, rows_param = form.get("name"), "file"
-    elif kind in ("application/json", ""):
+        async with request.form(max_files=len(FORM_FIELDS), max_fields=8, max_part_size=1 << 20) as form:
+            for key in form:
+                if key not in FORM_FIELDS:
+                    raise InvalidRequest(f"{key}: unknown field", param=key)
+                if len(form.getlist(key)) > 1:
+                    raise InvalidRequest(f"{key}: given twice", param=key)
+            upload, name = form.get("file"), form.get("name")
+            if not isinstance(upload, UploadFile):
+                raise InvalidRequest("file: a JSONL file field is required", param="file")
+            if not isinstance(name, str):
+                raise InvalidRequest("name: a text field is required", param="name")
+            return await run_in_threadpool(_form_payload, name, upload, form.get("config"), settings), "file"
+    if kind in ("application/json", ""):
         body = await _body(request, settings.max_dataset_bytes)
-        try:
-            payload = json.loads(body)
-        except (ValueError, RecursionError) as e:
-            raise InvalidRequest(f"body: not valid JSON ({e})", param="body") from None
-        if not isinstance(payload, dict):
-            raise InvalidRequest("body: must be an object with name, data and config", param="body")
-        extra = set(payload) - {"name", "data", "config"}
-        if extra:
-            raise InvalidRequest(f"{sorted(extra)[0]}: unknown field", param=sorted(extra)[0])
-        name, raw_rows, config, rows_param = payload.get("name"), payload.get("data"), payload.get("config"), "data"
-    else:
-        raise InvalidRequest(f"content type {kind!r}: send application/json or multipart/form-data",
-                             param="content-type")
-    check_task_name(name)
-    cfg = _config(config)
-    rows = check_rows(raw_rows, max_rows=settings.max_dataset_rows, param=rows_param)
-    return name, rows, cfg
+        return await run_in_threadpool(_json_payload, body, settings), "data"
+    raise InvalidRequest(f"content type {kind!r}: send application/json or multipart/form-data",
+                         param="content-type")
 
 
-@router.post("/v1/tasks", status_code=202, dependencies=[Depends(require_admin)], response_model=LearnAccepted, openapi_extra=learn_openapi())
-async def learn(request: Request, state: Ready) -> LearnAccepted:
-    """Queue a training job for a new task: JSON ``{name, data: [{prompt, completion}], config}``, or a multipart
-    form with ``name``, ``file`` (JSONL rows) and ``config`` (a JSON string)."""
-    name, rows, cfg = await _parse(request, state.settings)
+def _submit(state, task: TaskPayload, cfg: TrainConfig, rows_param: str):
+    """Everything after parsing, in a worker thread: the checks against what is served and stored, the rows'
+    lengths in tokens, and the job's files (written and fsynced)."""
+    name = task.name
     if state.jobs.task_taken(name):
         raise Conflict(f"task {name!r} already exists or is being trained", param="name")
     served = state.engine.state.tasks
@@ -98,10 +110,20 @@ async def learn(request: Request, state: Ready) -> LearnAccepted:
         target_linears(state.base.model, cfg.targets)
     except ValueError as e:
         raise InvalidRequest(f"config.targets: {e}", param="config.targets") from None
-    await run_in_threadpool(check_lengths, rows, state.base.tokenizer, cfg.max_seq_len,
-                            "file" if request.headers.get("content-type", "").startswith("multipart") else "data")
-    job = state.jobs.submit(name, rows, cfg.model_dump())
-    return LearnAccepted(job_id=job.id, task=name, status=job.status, status_url=f"/v1/jobs/{job.id}")
+    check_lengths(task.rows, state.base.tokenizer, cfg.max_seq_len, rows_param)
+    return state.jobs.submit(name, task.rows, cfg.model_dump())
+
+
+@router.post("/v1/tasks", status_code=202, dependencies=[Depends(require_admin)], response_model=LearnAccepted,
+             openapi_extra=learn_openapi())
+async def learn(request: Request, state: Ready) -> LearnAccepted:
+    """Queue a training job for a new task: JSON ``{name, data: [{prompt, completion}], config}``, or a multipart
+    form with ``name``, ``file`` (JSONL rows) and ``config`` (a JSON string). A row may also carry a ``label``
+    (a string, number, boolean or null; ignored); any other field, or type, is refused naming it."""
+    task, rows_param = await _parse(request, state.settings)
+    cfg = _config(task.config)
+    job = await run_in_threadpool(_submit, state, task, cfg, rows_param)
+    return LearnAccepted(job_id=job.id, task=task.name, status=job.status, status_url=f"/v1/jobs/{job.id}")
 
 
 @router.get("/v1/jobs", response_model=JobList, dependencies=[Depends(require_read)])
