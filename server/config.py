@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -40,6 +40,8 @@ class Settings(BaseSettings):
                                       "min(model's, 2048)")
     max_dataset_rows: int = Field(100_000, ge=1, description="rows of a posted task dataset")
     max_dataset_bytes: int = Field(64 * 2**20, ge=1, description="bytes of a posted task dataset (body or file)")
+    max_concurrent_uploads: int = Field(2, ge=1, description="dataset uploads (POST /v1/tasks) read and checked "
+                                        "at once; more get 429 with Retry-After")
     store_poll_seconds: float = Field(2.0, gt=0, description="how often to look for adapters that other "
                                       "processes sharing the store registered")
     train_threads: int = Field(1, ge=1, description="torch threads of the training worker (the rest serve)")
@@ -67,3 +69,10 @@ class Settings(BaseSettings):
     job_retention_s: float = Field(7 * 86400.0, gt=0, description="finished jobs' records are deleted this long "
                                    "after they finished (their datasets as soon as they finish)")
     max_job_records: int = Field(1000, ge=1, description="finished jobs' records kept at most (the newest)")
+
+    @model_validator(mode="after")
+    def _metrics_auth_needs_a_key(self):
+        if self.metrics_auth and self.api_key is None and self.admin_key is None:
+            raise ValueError("metrics_auth=true needs api_key or admin_key (JUMPLORA_API_KEY, JUMPLORA_ADMIN_KEY): "
+                             "with no key set, /metrics cannot ask for one")
+        return self

@@ -57,6 +57,18 @@ def check_access(request: Request, settings, admin: bool) -> None:
     raise Unauthorized("the API key is not valid")
 
 
+def check_metrics(request: Request, settings) -> None:
+    """With ``metrics_auth``, ``/metrics`` needs one of the keys that are set (read or admin); the settings
+    refuse ``metrics_auth`` without any key. Off, it is open."""
+    if not settings.metrics_auth:
+        return
+    token = _bearer(request)
+    if token is None:
+        raise Unauthorized("an API key is required (Authorization: Bearer <key>)")
+    if not (_matches(token, settings.api_key) or _matches(token, settings.admin_key)):
+        raise Unauthorized("the API key is not valid")
+
+
 def require_read(request: Request) -> None:
     check_access(request, request.app.state.server.settings, admin=False)
 
@@ -66,6 +78,32 @@ def require_admin(request: Request) -> None:
 
 
 def require_metrics(request: Request) -> None:
-    settings = request.app.state.server.settings
-    if settings.metrics_auth:
-        check_access(request, settings, admin=False)
+    check_metrics(request, request.app.state.server.settings)
+
+
+_CHECKS = {require_read: lambda r, s: check_access(r, s, admin=False),
+           require_admin: lambda r, s: check_access(r, s, admin=True),
+           require_metrics: check_metrics}
+
+
+def route_check(route):
+    """The access check a route declares (``require_read``, ``require_admin`` or ``require_metrics``, on the
+    route or its router), or None for an open route."""
+    stack = list(getattr(getattr(route, "dependant", None), "dependencies", ()))
+    while stack:
+        dependency = stack.pop()
+        for declared, check in _CHECKS.items():
+            if dependency.call is declared:
+                return check
+        stack.extend(dependency.dependencies)
+    return None
+
+
+def authorize(scope, settings) -> None:
+    """Run the access check of the route that the router chose for ``scope`` (``scope["route"]``). The ASGI
+    middleware calls it when the route first reads the body: FastAPI parses a declared body before it runs the
+    route's dependencies, so without this an unauthenticated caller would get the body parsed and 422 field
+    errors instead of 401. The dependencies still run (and still declare which key a route needs)."""
+    check = route_check(scope.get("route"))
+    if check is not None:
+        check(Request(scope), settings)
