@@ -69,7 +69,8 @@ class ServerState:
             self.engine = Engine(runner, self.base.tokenizer, state, self.metrics, max_batch=s.max_batch_size,
                                  max_queue=s.max_queue, max_len=max_len, prefill_budget=s.prefill_budget,
                                  max_prompt_tokens=s.max_prompt_tokens, max_new_tokens=s.max_new_tokens_limit,
-                                 sparse_kernel=kernel)
+                                 sparse_kernel=kernel, cuda_graphs=s.cuda_graphs,
+                                 triton=s.sparse_kernel)
             self.jobs = JobManager(
                 JobFiles(self.store.root / ".jobs"), self._worker_command(), self.store.exists, self.store.manifest,
                 self._register, self.metrics,

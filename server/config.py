@@ -1,11 +1,23 @@
 """The one settings class. It is the only place that reads the environment (prefix ``JUMPLORA_``)."""
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1); any other name or address (0.0.0.0,
+    ::, a host name) may be reachable from the network."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _home(*parts: str) -> Path:
@@ -29,9 +41,12 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights dtype; auto: float32 on CPU, bfloat16 on CUDA")
+    cuda_graphs: bool = Field(True, description="on CUDA, replay decode steps that need no task adapter (all "
+                              "@base, or all @stack) from CUDA graphs captured per batch size")
     sparse_kernel: bool = Field(True, description="on CPU, compile the sparse-delta kernel with the system C "
-                                "compiler (cc or $CC) into cache_dir; off, or without a compiler: torch's "
-                                "sparse products (same results, slower)")
+                                "compiler (cc or $CC) into cache_dir; on CUDA, use the Triton kernel (needs "
+                                "triton); off, or without a compiler or triton: torch's sparse products (same "
+                                "results, slower)")
     threads: int | None = Field(None, ge=1, description="torch threads for serving (unset: torch's choice)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     max_batch_size: int = Field(32, ge=1, le=1024, description="rows in the running batch")
@@ -49,16 +64,34 @@ class Settings(BaseSettings):
                            "more is refused with 507 (at the default size, about 3 MB of memory each)")
     api_key: SecretStr | None = Field(None, description="bearer key for generate and listing routes (unset: open)")
     admin_key: SecretStr | None = Field(None, description="bearer key for learning, cancelling, deleting, export")
-    metrics_auth: bool = Field(False, description="require the read key on /metrics too")
+    metrics_auth: bool = Field(False, description="require a key on /metrics too (the read or the admin key)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request body limit (datasets: max_dataset_bytes)")
     max_prompt_tokens: int | None = Field(None, ge=1, description="prompt limit in tokens (unset: the context)")
     max_new_tokens_limit: int = Field(4096, ge=1, description="largest max_new_tokens a request may ask for")
     max_streams: int = Field(64, ge=1, description="concurrent streaming responses before 429")
     request_timeout_s: float = Field(600.0, gt=0, description="a request still unfinished after this gets 504")
+    insecure: bool = Field(False, description="allow a non-loopback host without an admin key (learning, "
+                           "deleting and export then open to the network); off, such a start is refused")
+    stream_write_timeout_s: float = Field(30.0, gt=0, description="a streaming client that accepts no data for "
+                                          "this long is disconnected and its row freed")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection that has not sent a whole request "
+                                    "head this long after connecting (or after its last response) is closed")
+    keep_alive_timeout_s: int = Field(5, ge=1, description="idle keep-alive connections are closed after this")
+    max_connections: int = Field(512, ge=1, description="open connections and requests in progress; beyond, "
+                                 "503 (uvicorn's limit_concurrency)")
     @field_validator("api_key", "admin_key", mode="before")
     @classmethod
     def _empty_is_unset(cls, v):
         return None if v is None or (isinstance(v, str) and not v.strip()) else v
+
+    @model_validator(mode="after")
+    def _not_open_to_the_network(self):
+        if not is_loopback(self.host) and self.admin_key is None and not self.insecure:
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address and no admin_key is set: anyone who can reach the "
+                "server could learn, delete and export tasks. Set admin_key (JUMPLORA_ADMIN_KEY), or set "
+                "insecure=true (JUMPLORA_INSECURE=true, --insecure true) to serve those routes open")
+        return self
 
     prefill_budget: int = Field(256, ge=1, description="prompt tokens prefilled per step, in the same forward "
                                 "as the decode rows (longer prompts are chunked)")

@@ -74,6 +74,11 @@ class RequestTimeout(JumploraError):
     status, type = 504, "timeout_error"
 
 
+class EngineError(JumploraError):
+    """A request that failed inside the engine (the other requests of its batch go on)."""
+    status, type = 500, "engine_error"
+
+
 def error_body(message: str, type_: str, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param}}
 

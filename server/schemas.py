@@ -8,6 +8,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from adapters_store import TASK_NAME_RE, is_task_name
 
 
+# The projections of a decoder block that the serving engine applies adapter deltas to (server/runner.py's
+# groups); an adapter on any other layer (lm_head, embeddings) would be stored but never served.
+SERVED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 class TrainConfig(BaseModel):
     """How one task's adapter is trained. Defaults are the reference defaults of DESIGN.md §2."""
 
@@ -35,6 +40,17 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     eval_fraction: float = Field(0.1, ge=0, lt=1)
     max_seq_len: int = Field(512, ge=8, le=32768)
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        unserved = [t for t in v if t not in SERVED_PROJECTIONS]
+        if unserved:
+            raise ValueError(f"{unserved[0]!r} is not a projection the engine serves adapters on "
+                             f"(one of {', '.join(SERVED_PROJECTIONS)})")
+        if len(set(v)) != len(v):
+            raise ValueError("a target is listed twice")
+        return v
 
     @field_validator("parent")
     @classmethod

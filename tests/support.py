@@ -64,9 +64,10 @@ def make_bank(model, folder, fingerprint: str = "test"):
     put_task(store, "dense-b", task_deltas(model, 0.70, seed=2), fingerprint, 1)
     put_task(store, "lowrank-c", sparse, fingerprint, 2, lowrank=lowrank, method="lora")
     put_task(store, "chain-d", task_deltas(model, 0.03, seed=4), fingerprint, 3, parents=["sparse-a"])
-    registry = Registry(store, model, fingerprint, "cpu", Metrics(), projection_layout(model))
+    device = next(model.parameters()).device  # (the CUDA tests' bank is on the GPU)
+    registry = Registry(store, model, fingerprint, device, Metrics(), projection_layout(model))
     state = registry.refresh()
-    own = {name: served_deltas(store, name) for name in state.tasks}
+    own = {name: {k: d.to(device) for k, d in served_deltas(store, name).items()} for name in state.tasks}
     refs = {name: {k: sum(own[t][k] for t in info.route if k in own[t]) for k in own[name]}
             for name, info in state.tasks.items()}
     refs[STACK] = {k: sum(d[k] for d in own.values()) for k in sparse}
