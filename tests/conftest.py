@@ -15,6 +15,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))
 
 
+def pytest_configure(config):
+    """Triton's interpreter for the Triton kernel tests (tests/server/test_triton_delta.py), set before anything
+    imports triton: triton reads TRITON_INTERPRET when its own library functions (tl.zeros, tl.max, ...) are
+    defined, at its import, which torch may do early (a kernel of ours then fails in the interpreter). Not for
+    ``-m cuda``, which runs the kernels compiled on a GPU."""
+    import os
+
+    if "cuda" not in (config.option.markexpr or "").replace("not cuda", ""):
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def make_tiny_model(folder: Path, *, seed: int = 0, layers: int = 2) -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors

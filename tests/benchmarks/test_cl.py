@@ -170,6 +170,7 @@ def test_a_run_with_other_settings_in_the_same_out_is_refused(tmp_path):
 # -- end to end ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # (about 40 s; the default suite keeps under 10 minutes)
 def test_end_to_end_on_the_tiny_model_interrupted_after_the_first_task_and_resumed(tiny_model_dir, tmp_path):
     data = write_toy_benchmark(tmp_path / "data")
     out = tmp_path / "out"
@@ -224,6 +225,7 @@ def test_end_to_end_on_the_tiny_model_interrupted_after_the_first_task_and_resum
     assert json.loads((out / "state.json").read_text())["log"] == state["log"]
 
 
+@pytest.mark.slow
 def test_a_job_interrupted_by_the_stop_is_waited_for_or_submitted_again(tiny_model_dir, tmp_path):
     """Stopped right after the job is submitted (its server stops with it): on resume the job is either still
     queued (and runs) or was failed by the server as interrupted (and the task is submitted again)."""

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import scale
 
 
+@pytest.mark.slow
 def test_scale_benchmark_runs_on_the_tiny_model(tiny_model_dir, tmp_path):
     out = tmp_path / "scale.json"
     assert scale.main(["--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache"), "--adapters", "20",
