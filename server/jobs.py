@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
+from adapters_store.atomic import fsync as fsync_dir
+
 from .errors import Conflict, NotFound, Overloaded, StorageError
 from .threads import run_isolated
 
@@ -45,14 +47,6 @@ def _epoch(stamp: str | None) -> float | None:
         return calendar.timegm(time.strptime(stamp, STAMP)) if stamp else None
     except ValueError:
         return None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)  # a folder opens read-only (POSIX)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _brief(e: BaseException) -> str:
@@ -117,7 +111,7 @@ class JobFiles:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         try:  # the rename is durable once the folder is
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except OSError as e:  # the record is complete and visible; only its durability is in doubt
             log.warning("%s written but fsync of %s failed: %s", path.name, self.root, e)
 

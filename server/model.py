@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from adapters_store.atomic import fsync as fsync_dir
+
 from .errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -119,17 +121,9 @@ def convert_default_model(cache_dir: Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     log.info("converted the default model in %.1f s to %s", time.monotonic() - start, target)
     return target
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -137,7 +131,7 @@ def _fsync_tree(folder: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def fingerprint(model: torch.nn.Module) -> str:
