@@ -9,9 +9,10 @@ adapters are immutable and shared by every state and route that holds them.
 Representation. An adapter holds, per projection group (the layers of a block that share their input, such as
 q/k/v: ``server/runner.py``), one ``GroupDelta``: the group's layers' rows one after the other, (Σ d_out, d_in),
 in one of three forms, chosen when it is loaded:
-  * sparse (CSR, int32 indices; values bf16 as stored, fp32 for sums) up to ``DENSE_ABOVE`` density. On CPU in
-    fp32 these go through the compiled kernel of ``server/sparse_kernel.py`` (each adapter's delta read once
-    per 16 of its positions, straight into the outputs); on CUDA through the Triton kernel of
+  * sparse (CSR; on CPU int16 columns and fp32 values, elsewhere int32 columns and bf16 values as stored:
+    ``served_form``) up to ``DENSE_ABOVE`` density. On CPU in fp32 these go through the compiled kernel of
+    ``server/sparse_kernel.py`` (positions in blocks of 16 with similar routes, each adapter's delta read once
+    per block that holds it); on CUDA through the Triton kernel of
     ``server/triton_delta.py`` (every sparse adapter of a group in one launch); elsewhere through torch's CSR
     product, per adapter.
   * dense above that (one oneDNN product per adapter over its positions): ``@stack`` sums of many tasks.
@@ -42,6 +43,7 @@ DENSE_ABOVE = 0.06  # a group's delta denser than this is served dense
 # An adapter with more positions than this in one forward (a long prompt chunk) takes torch's CSR product, which
 # reads the delta once, where the kernel reads it once per 16 positions.
 KERNEL_MAX_ROWS = 128
+COL16_MAX = 32768  # the most columns a delta served with int16 column indices may have
 
 Group = tuple[tuple[str, ...], tuple[int, ...]]  # a projection group: its layers (module paths), each one's d_out
 
@@ -53,8 +55,8 @@ class GroupDelta:
     shape: tuple[int, int]
     nnz: int
     crow: torch.Tensor | None = None  # (Σ d_out + 1,) int32   } sparse
-    col: torch.Tensor | None = None  # (nnz,) int32             }
-    val: torch.Tensor | None = None  # (nnz,) bf16 or fp32      }
+    col: torch.Tensor | None = None  # (nnz,) int16 or int32     } (served_form)
+    val: torch.Tensor | None = None  # (nnz,) fp32 or bf16       }
     dense: torch.Tensor | None = None  # (Σ d_out, d_in) fp32; its product is packed on first use
     lowrank: tuple[torch.Tensor, torch.Tensor] | None = None  # A (R, d_in), B (Σ d_out, R) with the scale in B
     _lazy: dict = field(default_factory=dict, repr=False)  # torch's fp32 CSR, the dense product: made on first use
@@ -68,7 +70,7 @@ class GroupDelta:
         xf = x.float()
         if self.kind == "sparse":
             if "csr" not in self._lazy:
-                self._lazy["csr"] = torch.sparse_csr_tensor(self.crow, self.col, self.val.float(), self.shape,
+                self._lazy["csr"] = torch.sparse_csr_tensor(self.crow, self.col.int(), self.val.float(), self.shape,
                                                             check_invariants=False)
             return torch.sparse.mm(self._lazy["csr"], xf.T).T
         if self.kind == "dense":
@@ -80,7 +82,7 @@ class GroupDelta:
 
     def to_dense(self) -> torch.Tensor:
         if self.kind == "sparse":
-            return torch.sparse_csr_tensor(self.crow, self.col, self.val.float(), self.shape,
+            return torch.sparse_csr_tensor(self.crow, self.col.int(), self.val.float(), self.shape,
                                            check_invariants=False).to_dense()
         if self.kind == "dense":
             return self.dense
@@ -131,11 +133,21 @@ def group_delta(parts: dict[str, Stored], group: Group, device=None, dense_above
             rows.append(torch.from_numpy(row.astype(np.int64) + offsets[name]))
             cols.append(torch.from_numpy(col.astype(np.int32)))
             vals.append(p.values)
-    dtype = torch.bfloat16 if all(v.dtype == torch.bfloat16 for v in vals) else torch.float32
     crow = torch.zeros(d_out + 1, dtype=torch.int64)
     crow[1:] = torch.cumsum(torch.bincount(torch.cat(rows), minlength=d_out), 0)
-    return GroupDelta(shape=(d_out, d_in), nnz=nnz, crow=crow.to(torch.int32).to(device),
-                      col=torch.cat(cols).to(device), val=torch.cat([v.to(dtype) for v in vals]).to(device))
+    col, val = served_form(torch.cat(cols), torch.cat([v.float() if v.dtype != torch.bfloat16 else v for v in vals]),
+                           d_in, device)
+    return GroupDelta(shape=(d_out, d_in), nnz=nnz, crow=crow.to(torch.int32).to(device), col=col, val=val)
+
+
+def served_form(col: torch.Tensor, val: torch.Tensor, d_in: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sparse delta's columns and values as they are served: on CPU int16 columns (where d_in allows) and fp32
+    values, 6 bytes a non-zero as stored (int32 positions, bf16 values), and the values exactly as stored; the
+    kernel's inner loop then reads a value with one broadcast instead of widening it. Elsewhere int32 columns and
+    the values as stored (bf16 if all are), which the Triton kernel widens itself."""
+    if device is None or torch.device(device).type == "cpu":
+        return (col.to(torch.int16) if d_in <= COL16_MAX else col.to(torch.int32)), val.float()
+    return col.to(torch.int32).to(device), val.to(device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -190,8 +202,9 @@ def make_stack(sums: dict[tuple[str, ...], np.ndarray], weights: dict[str, torch
             groups[layers] = GroupDelta(shape=total.shape, nnz=nnz, dense=torch.from_numpy(total.copy()).to(device))
         else:
             csr = torch.from_numpy(total.copy()).to_sparse_csr()
+            col, val = served_form(csr.col_indices(), csr.values(), total.shape[1], device)
             groups[layers] = GroupDelta(shape=total.shape, nnz=nnz, crow=csr.crow_indices().to(torch.int32).to(device),
-                                        col=csr.col_indices().to(torch.int32).to(device), val=csr.values().to(device))
+                                        col=col, val=val)
         start = 0
         for name, width in zip(layers, widths[layers]):
             w, part = weights[name].detach(), total[start:start + width]
@@ -297,6 +310,7 @@ class Plan:
         self.members = list(members.values())
         self.adapted = set().union(*(a.groups for a, _ in self.members)) if self.members else set()
         self._groups: dict[tuple[str, ...], tuple] = {}
+        self._layouts: dict[tuple, object] = {}  # the kernel's positions, by (starts, rows)
 
     @staticmethod
     def key(rows: list[Route]) -> tuple:
@@ -322,13 +336,13 @@ class Plan:
             for _, positions in on_kernel:
                 starts.append(starts[-1] + len(positions))
             rows = [i for _, p in on_kernel for i in p]
-            table = self.kernel.get([d for d, _ in on_kernel])
-            if self.kernel.on_device:  # the Triton kernel: the positions grouped once, on the device
-                kernel = (table, self.kernel.kernel.positions(starts, rows, self.device), None)
-            else:
-                kernel = (table,
-                          torch.tensor(starts, dtype=torch.int32),  # (T + 1,) adapter t's positions in rows
-                          torch.tensor(rows, dtype=torch.int32))  # (Σ,) the positions, by adapter
+            key = (tuple(starts), tuple(rows))  # the groups of a forward mostly share their adapters' positions
+            if key not in self._layouts:
+                if self.kernel.on_device:  # the Triton kernel: the positions grouped once, on the device
+                    self._layouts[key] = self.kernel.kernel.positions(starts, rows, self.device)
+                else:  # the CPU kernel: the positions in blocks of rows with similar routes
+                    self._layouts[key] = self.kernel.kernel.layout(starts, rows)
+            kernel = (self.kernel.get([d for d, _ in on_kernel]), self._layouts[key])
         return kernel, rest
 
     def project(self, layers: tuple[str, ...], lin: Linear, x: torch.Tensor) -> torch.Tensor:
@@ -343,12 +357,12 @@ class Plan:
             self._groups[layers] = self._prepare(layers)
         kernel, rest = self._groups[layers]
         if kernel is not None:
-            table, starts, rows = kernel
-            if rows is None:  # Triton (starts: its grouped positions)
-                self.kernel.kernel.add_at(table, starts, x, y)
+            table, at = kernel
+            if self.kernel.on_device:  # Triton
+                self.kernel.kernel.add_at(table, at, x, y)
             else:
-                scratch = self.kernel.scratch(self.kernel.kernel.scratch_size(table, rows.numel()))
-                self.kernel.kernel.add(table, starts, rows, x if x.stride(1) == 1 else x.contiguous(), y, scratch)
+                scratch = self.kernel.scratch(self.kernel.kernel.scratch_size(table, at))
+                self.kernel.kernel.add_at(table, at, x if x.stride(1) == 1 else x.contiguous(), y, scratch)
         for delta, index in rest:
             if isinstance(index, slice):
                 y[index] += delta.apply(x[index]).to(y.dtype)

@@ -27,18 +27,17 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "sparse_delta.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-PAD = 7  # spare rows of scratch per adapter: a chunk of its rows is padded to a power of two (csrc/sparse_delta.c)
 
 
 class _CSR(ctypes.Structure):
     _fields_ = [("crow", ctypes.c_void_p), ("col", ctypes.c_void_p), ("val", ctypes.c_void_p),
-                ("bf16", ctypes.c_int64)]
+                ("kind", ctypes.c_int64)]  # 1: bf16 values (else fp32); 2: 16-bit columns (else int32)
 
 
 @dataclass
 class Prepared:
     """One projection group's arguments for a batch: the distinct adapters' CSR deltas (kept referenced, so
-    that the pointers stay valid) and the rows of each."""
+    that the pointers stay valid)."""
 
     deltas: list  # [GroupDelta] (T,), all of shape (d_out, d_in)
     table: ctypes.Array  # (T,) _CSR pointing into them
@@ -46,57 +45,135 @@ class Prepared:
     d_out: int
 
 
+BLOCK_ROWS = 32  # rows in a block (csrc/sparse_delta.c: two AVX-512 vectors of fp32; bits of a mask)
+
+
+def _width(n: int) -> int:
+    """A block's lanes: its rows padded to the next power of two."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+@dataclass
+class Layout:
+    """The per-batch part (``SparseDeltaKernel.layout``): the rows in blocks of up to ``BLOCK_ROWS``, rows of the
+    same or similar routes together, and each block's entries, an adapter and the mask of its rows whose route
+    holds it."""
+
+    n_adapters: int
+    rows: torch.Tensor  # (M,) int32 the rows, each once, block by block
+    block_start: torch.Tensor  # (B + 1,) int32 block b's rows: rows[block_start[b]:block_start[b + 1]]
+    entry_start: torch.Tensor  # (B + 1,) int32 block b's entries: entry_start[b]:entry_start[b + 1]
+    entry_adapter: torch.Tensor  # (E,) int32 an entry's adapter
+    entry_mask: torch.Tensor  # (E,) int32 (read as uint32) bit k: the block's k-th row takes that adapter
+    lanes: int  # Σ over the blocks of their widths
+    last: int  # the highest row, -1 for none
+
+
 class SparseDeltaKernel:
-    """y[r] += Σ_t Δ_t·x[r] over the adapters t of row r's route, every distinct adapter's delta read once per
-    chunk of 16 of its rows. fp32 inputs and outputs on CPU only; delta values fp32 or bf16."""
+    """y[r] += Σ_t Δ_t·x[r] over the adapters t of row r's route, every adapter's delta read once per block of
+    up to 32 rows that holds it. fp32 inputs and outputs on CPU only; delta values fp32 or bf16."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path):
         self.path = path
         self._fn = lib.jumplora_sparse_delta_add
         self._fn.restype = None
-        self._fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                             ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                             ctypes.c_void_p, ctypes.c_int32]
+        self._fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                             ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
 
     @staticmethod
     def prepare(deltas: list) -> Prepared:
         """The per-group part, which depends on the adapters alone: ``deltas`` (T,) sparse GroupDeltas with
-        int32 indices and fp32 or bf16 values on CPU, one shape."""
+        int32 rows, int32 or int16 columns (read as unsigned 16 bits) and fp32 or bf16 values on CPU, one shape."""
         shapes = {d.shape for d in deltas}
         if len(shapes) != 1:
             raise ValueError(f"deltas of different shapes {sorted(shapes)}")
-        for d in deltas:
-            if (d.kind != "sparse" or d.col.dtype != torch.int32 or d.crow.dtype != torch.int32
-                    or d.val.dtype not in (torch.float32, torch.bfloat16) or d.val.device.type != "cpu"):
-                raise ValueError("the kernel takes sparse deltas on CPU with int32 indices and fp32 or bf16 values")
-        table = (_CSR * len(deltas))(*[_CSR(d.crow.data_ptr(), d.col.data_ptr(), d.val.data_ptr(),
-                                            int(d.val.dtype == torch.bfloat16)) for d in deltas])
         d_out, d_in = shapes.pop()
+        for d in deltas:
+            if (d.kind != "sparse" or d.crow.dtype != torch.int32 or d.col.dtype not in (torch.int32, torch.int16)
+                    or d.val.dtype not in (torch.float32, torch.bfloat16) or d.val.device.type != "cpu"):
+                raise ValueError("the kernel takes sparse deltas on CPU with int32 rows, int32 or int16 columns and "
+                                 "fp32 or bf16 values")
+            if d.col.dtype == torch.int16 and d_in > 32768:
+                raise ValueError(f"int16 columns for {d_in} columns")
+        table = (_CSR * len(deltas))(*[_CSR(d.crow.data_ptr(), d.col.data_ptr(), d.val.data_ptr(),
+                                            int(d.val.dtype == torch.bfloat16) | 2 * int(d.col.dtype == torch.int16))
+                                       for d in deltas])
         return Prepared(list(deltas), table, d_in, d_out)
 
     @staticmethod
-    def scratch_size(group: Prepared, n_rows: int) -> int:
-        """Floats of scratch for ``n_rows`` rows: their inputs interleaved, with PAD spare rows per adapter
-        (``csrc/sparse_delta.c``)."""
-        return (n_rows + PAD * len(group.deltas)) * group.d_in
+    def layout(starts, rows) -> Layout:
+        """The blocks for adapter t's rows ``rows[starts[t]:starts[t+1]]`` (``starts`` (T + 1,), ``rows`` (M,):
+        int sequences or tensors; a row may stand under several adapters, never twice under one). Rows are
+        ordered by their adapters' indices (lexicographically, so a chain's routes, each the one before plus an
+        adapter, stand side by side) and cut into blocks of ``BLOCK_ROWS``."""
+        starts = [int(s) for s in starts]
+        rows = [int(r) for r in rows]
+        if not starts or starts[0] != 0 or starts[-1] != len(rows) or any(b < a for a, b in zip(starts, starts[1:])):
+            raise ValueError("starts must ascend from 0 to the number of rows")
+        if rows and min(rows) < 0:
+            raise ValueError("negative row")
+        held: dict[int, list[int]] = {}  # row -> its adapters, ascending
+        for t in range(len(starts) - 1):
+            for r in rows[starts[t]:starts[t + 1]]:
+                mine = held.setdefault(r, [])
+                if mine and mine[-1] == t:
+                    raise ValueError(f"row {r} twice under adapter {t}")
+                mine.append(t)
+        order = sorted(held, key=held.__getitem__)
+        block_start, entry_start, entry_adapter, entry_mask, lanes = [0], [0], [], [], 0
+        for b in range(0, len(order), BLOCK_ROWS):
+            block = order[b:b + BLOCK_ROWS]
+            masks: dict[int, int] = {}
+            for k, r in enumerate(block):
+                for t in held[r]:
+                    masks[t] = masks.get(t, 0) | (1 << k)
+            for t in sorted(masks):
+                entry_adapter.append(t)
+                entry_mask.append(masks[t] - (1 << 32) if masks[t] >= 1 << 31 else masks[t])  # (as int32)
+            block_start.append(block_start[-1] + len(block))
+            entry_start.append(len(entry_adapter))
+            lanes += _width(len(block))
 
-    def add(self, group: Prepared, row_start: torch.Tensor, rows: torch.Tensor, x: torch.Tensor,
-            y: torch.Tensor, scratch: torch.Tensor) -> None:
-        """y[rows[row_start[t]:row_start[t+1]]] += Δ_t · x[same rows], in place, for every adapter t.
-        row_start: (T + 1,) int32; rows: (n_a,) int32 row indices of x and y, grouped by adapter (a row may
-        stand under several adapters, never twice under one);
-        x: (n, ≥ d_in) fp32, rows contiguous; y: (n, ≥ d_out) fp32, rows contiguous; scratch: ≥ (n_a + T)·d_in
-        fp32 (``scratch_size``)."""
+        def i32(values):
+            return torch.tensor(values, dtype=torch.int32)
+
+        return Layout(len(starts) - 1, i32(order), i32(block_start), i32(entry_start), i32(entry_adapter),
+                      i32(entry_mask), lanes, max(order, default=-1))
+
+    @staticmethod
+    def scratch_size(group: Prepared, at: Layout) -> int:
+        """Floats of scratch for a layout: its blocks' inputs interleaved (``csrc/sparse_delta.c``)."""
+        return at.lanes * (group.d_in + group.d_out)
+
+    def add(self, group: Prepared, starts, rows, x: torch.Tensor, y: torch.Tensor,
+            scratch: torch.Tensor | None = None) -> None:
+        """y[rows[starts[t]:starts[t+1]]] += Δ_t · x[same rows], in place, for every adapter t: ``layout`` and
+        ``add_at`` in one call (a plan that keeps its rows makes the layout once)."""
+        self.add_at(group, self.layout(starts, rows), x, y, scratch)
+
+    def add_at(self, group: Prepared, at: Layout, x: torch.Tensor, y: torch.Tensor,
+               scratch: torch.Tensor | None = None) -> None:
+        """y[r] += Σ_t Δ_t · x[r] over the layout's rows and entries, in place. x: (n, ≥ d_in) fp32, rows
+        contiguous; y: (n, ≥ d_out) fp32, rows contiguous; scratch: ≥ ``scratch_size`` fp32 (made if None)."""
         if x.dtype != torch.float32 or y.dtype != torch.float32 or x.stride(1) != 1 or y.stride(1) != 1:
             raise ValueError("x and y must be fp32 with contiguous rows")
-        if row_start.dtype != torch.int32 or rows.dtype != torch.int32:
-            raise ValueError("row_start and rows must be int32")
-        if (scratch.numel() < self.scratch_size(group, rows.numel()) or x.shape[1] < group.d_in
-                or y.shape[1] < group.d_out):
-            raise ValueError("scratch, x or y too small for the group")
-        self._fn(len(group.deltas), ctypes.addressof(group.table), row_start.data_ptr(), rows.data_ptr(),
-                 group.d_in, group.d_out, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
-                 scratch.data_ptr(), torch.get_num_threads())
+        if at.n_adapters != len(group.deltas):
+            raise ValueError(f"a layout of {at.n_adapters} adapters for a group of {len(group.deltas)}")
+        if x.shape[1] < group.d_in or y.shape[1] < group.d_out or at.last >= min(x.shape[0], y.shape[0]):
+            raise ValueError(f"x {tuple(x.shape)} or y {tuple(y.shape)} too small for the group and rows")
+        size = self.scratch_size(group, at)
+        if scratch is None:
+            scratch = torch.empty(size, dtype=torch.float32)
+        if scratch.dtype != torch.float32 or scratch.numel() < size:
+            raise ValueError(f"scratch too small: {size} fp32 needed")
+        if not at.rows.numel():
+            return
+        self._fn(ctypes.addressof(group.table), len(group.deltas), at.block_start.numel() - 1, at.block_start.data_ptr(),
+                 at.rows.data_ptr(), at.entry_start.data_ptr(), at.entry_adapter.data_ptr(),
+                 at.entry_mask.data_ptr(), group.d_in, group.d_out, x.data_ptr(), x.stride(0), y.data_ptr(),
+                 y.stride(0), scratch.data_ptr(), scratch.data_ptr() + 4 * at.lanes * group.d_in,
+                 torch.get_num_threads())
 
 
 def applies_to(device: torch.device, dtype: torch.dtype) -> bool:

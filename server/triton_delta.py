@@ -157,16 +157,16 @@ class TritonDeltas:
     @staticmethod
     def prepare(deltas: list) -> DeltaTable:
         """The per-group part, which depends on the adapters alone: ``deltas`` (T,) sparse GroupDeltas of one
-        shape on one device, int32 indices, fp32 or bf16 values."""
+        shape on one device, int32 rows, int32 or int16 columns (the CPU's served form), fp32 or bf16 values."""
         shapes = {d.shape for d in deltas}
         if len(shapes) != 1:
             raise ValueError(f"deltas of different shapes {sorted(shapes)}")
         devices = {d.val.device for d in deltas if d.kind == "sparse"}
         for d in deltas:
-            if (d.kind != "sparse" or d.col.dtype != torch.int32 or d.crow.dtype != torch.int32
+            if (d.kind != "sparse" or d.col.dtype not in (torch.int32, torch.int16) or d.crow.dtype != torch.int32
                     or d.val.dtype not in (torch.float32, torch.bfloat16) or len(devices) != 1):
-                raise ValueError("the kernel takes sparse deltas on one device with int32 indices and fp32 or bf16 "
-                                 "values")
+                raise ValueError("the kernel takes sparse deltas on one device with int32 rows, int32 or int16 "
+                                 "columns and fp32 or bf16 values")
         (r, d_in), device = shapes.pop(), devices.pop()
         dtype = torch.bfloat16 if all(d.val.dtype == torch.bfloat16 for d in deltas) else torch.float32
         counts = torch.tensor([0] + [d.col.numel() for d in deltas[:-1]], dtype=torch.int64)  # (col: (nnz,))
@@ -174,7 +174,7 @@ class TritonDeltas:
         crow = torch.stack([d.crow.to(torch.int64) for d in deltas]) + offsets[:, None]  # (T, R + 1)
         spare_col = torch.zeros(1, dtype=torch.int32, device=device)
         spare_val = torch.zeros(1, dtype=dtype, device=device)
-        col = torch.cat([*(d.col for d in deltas), spare_col])  # (Σ nnz + 1,)
+        col = torch.cat([*(d.col.to(torch.int32) for d in deltas), spare_col])  # (Σ nnz + 1,)
         val = torch.cat([*(d.val.to(dtype) for d in deltas), spare_val])  # (Σ nnz + 1,)
         return DeltaTable(list(deltas), crow.contiguous(), col, val, (r, d_in), col.numel() - 1)
 

@@ -1,25 +1,32 @@
-/* The decode rows' sparse deltas on CPU: y[r, :] += Δ_t · x[r, :] for every row r whose adapter is t, each
- * adapter's CSR read once per step for up to 16 of its rows. Built by server/sparse_kernel.py with the system
- * C compiler and OpenMP; the OpenMP runtime is the one torch has already loaded (same soname), so the kernel
- * shares torch's thread pool instead of starting a second one.
+/* The rows' sparse deltas on CPU: y[r, :] += Σ_t Δ_t · x[r, :] over the adapters t of row r's route. Built by
+ * server/sparse_kernel.py with the system C compiler and OpenMP; the OpenMP runtime is the one torch has
+ * already loaded (same soname), so the kernel shares torch's thread pool instead of starting a second one.
  *
- * Why a kernel of its own: through torch, the same product is an index_put of the rows' inputs into a
- * (T·d_in, K) matrix, MKL's CSR SpMM over a block-diagonal table, a gather of the outputs and an index_add:
- * about 100 µs per projection group (q/k/v of SmolLM2) at 16 rows over 8 adapters in a decode step. This
- * kernel takes about 55 µs there, and about 32 µs when the deltas are in cache; the difference is reading
- * them from memory (about 1 MB per group), which neither prefetching ahead nor 16-bit column indices
- * shortened, measured. The inner loops keep four partial sums per row: with one chain of dependent
- * multiply-adds per row, the loop was bound by the FMA latency.
- */
+ * Layout (made by sparse_kernel.py's ``layout``): the rows are cut into blocks of up to 32, rows with the same
+ * or similar routes side by side. A block lists its entries: an adapter and the mask of the block's rows whose
+ * route holds it. A block's inputs are interleaved, (d_in, W) with W the next power of two of its rows, so
+ * that one column index fetches all of them as one short vector: each entry's delta is read once for the
+ * whole block, one multiply-add a non-zero for all W rows, and the lanes of rows outside the entry's mask are
+ * cleared from its sums. The sums of all the block's entries gather in a (d_out, W) scratch, written to y once
+ * at the end of the block. An entry of a single row takes the row's input straight from x instead (with a
+ * gather on AVX-512): a W-lane multiply-add for one row would waste the other lanes.
+ *
+ * Each entry runs over its output rows on its own (not all entries per output row): the delta is then read as
+ * one sequential stream, and the value and column types are dispatched once an entry. The threads split the
+ * output rows so that each has about the same number of non-zeros (q and v adapted, k not: an even split of
+ * the rows is not one of the work). Measured on one layer of SmolLM2-135M with an 8-task chain of trained
+ * adapters (2-core Xeon, AVX-512), see server/sparse_kernel.py. */
 #include <omp.h>
 #include <stdint.h>
 
 typedef struct {
   const int32_t *crow; /* (d_out + 1,) */
-  const int32_t *col;  /* (nnz,) */
-  const void *val;     /* (nnz,) fp32, or bf16 as uint16_t when bf16 is set */
-  int64_t bf16;
+  const void *col;     /* (nnz,) int32, or uint16 when kind has COL16 */
+  const void *val;     /* (nnz,) fp32, or bf16 as uint16 when kind has BF16 */
+  int64_t kind;        /* BF16 | COL16 */
 } csr_t;
+#define BF16 1
+#define COL16 2
 
 /* A bf16 value is the upper half of the fp32 with the same sign and exponent: widening is a shift. */
 static inline float bf16_to_f32(uint16_t h) {
@@ -29,132 +36,242 @@ static inline float bf16_to_f32(uint16_t h) {
 }
 #define VAL_F32(v, j) (((const float *)(v))[j])
 #define VAL_BF16(v, j) bf16_to_f32(((const uint16_t *)(v))[j])
+#define COL_I32(c, j) ((int64_t)((const int32_t *)(c))[j])
+#define COL_U16(c, j) ((int64_t)((const uint16_t *)(c))[j])
 
-/* For output rows o in [o0, o1) of one adapter's CSR: y_k[o] += Σ_j val[j] · p[col[j]·NR + k] for the nr ≤ NR
- * rows interleaved in p (a chunk is padded with zero rows to the next of 1, 2, 4, 8, 16). The NR inputs of a
- * column are one short
- * vector (GCC/Clang vector extensions: SSE or NEON on any target), so a non-zero costs one multiply-add for
- * all of them, and each row keeps four partial sums: with one chain of dependent multiply-adds the loop was
- * bound by the FMA latency. One copy per value type (VAL: how entry j of val is read as fp32). */
-#define SPAN(NAME, NR, VT, VAL)                                                                       \
-  static void NAME(const int32_t *restrict crow, const int32_t *restrict col, const void *restrict val, \
-                   int64_t o0, int64_t o1, const float *restrict p, float *const *yk, int nr) {       \
-    for (int64_t o = o0; o < o1; o++) {                                                               \
-      const int32_t b = crow[o], e = crow[o + 1];                                                     \
-      if (b == e) continue;                                                                           \
-      VT s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};                                                      \
-      int32_t j = b;                                                                                  \
-      for (; j + 4 <= e; j += 4) {                                                                    \
-        s0 += VAL(val, j) * *(const VT *)(p + (int64_t)col[j] * NR);                                  \
-        s1 += VAL(val, j + 1) * *(const VT *)(p + (int64_t)col[j + 1] * NR);                          \
-        s2 += VAL(val, j + 2) * *(const VT *)(p + (int64_t)col[j + 2] * NR);                          \
-        s3 += VAL(val, j + 3) * *(const VT *)(p + (int64_t)col[j + 3] * NR);                          \
-      }                                                                                               \
-      for (; j < e; j++) s0 += VAL(val, j) * *(const VT *)(p + (int64_t)col[j] * NR);                 \
-      const VT sum = (s0 + s1) + (s2 + s3);                                                           \
-      for (int k = 0; k < nr; k++) yk[k][o] += sum[k];                                                \
-    }                                                                                                 \
+/* One entry over lanes [lo, lo + V) of a block of 2^sh lanes: yp[o, lo + k] += Σ_j val[j] · p[col[j], lo + k]
+ * over the non-zeros j of every output row o in [o0, o1), the V lanes at once (GCC/Clang vector extensions: SSE,
+ * AVX or NEON on any target; V = 32 is two AVX-512 vectors), the lanes outside mask m cleared bitwise (whatever
+ * they hold stays out). p: (d_in, 2^sh) and yp: (d_out, 2^sh). Four partial sums: with one chain of dependent
+ * multiply-adds the loop is bound by the FMA latency. One copy per width, value and column type. */
+#define ENTRY(NAME, V, VT, VI, VAL, COL, WHOLE_BLOCK)                                                  \
+  static void NAME(const csr_t *a, uint32_t m, int64_t o0, int64_t o1, const float *restrict p,        \
+                   float *restrict yp, int sh_, int lo_) {                                             \
+    /* a window as wide as the block: its shift a constant, as in the inner loop's address arithmetic */  \
+    const int sh = WHOLE_BLOCK ? __builtin_ctz(V) : sh_, lo = WHOLE_BLOCK ? 0 : lo_;                  \
+    const int32_t *restrict crow = a->crow;                                                            \
+    const void *restrict col = a->col, *restrict val = a->val;                                         \
+    VI keep;                                                                                           \
+    for (int k = 0; k < V; k++) keep[k] = (m >> (lo + k)) & 1u ? -1 : 0;                               \
+    const int whole = (m >> lo) == (V == 32 ? 0xFFFFFFFFu : (1u << (V % 32)) - 1);                     \
+    p += lo;                                                                                           \
+    for (int64_t o = o0; o < o1; o++) {                                                                \
+      const int32_t b = crow[o], e = crow[o + 1];                                                      \
+      if (b == e) continue;                                                                            \
+      VT s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};                                                       \
+      int32_t j = b;                                                                                   \
+      for (; j + 4 <= e; j += 4) {                                                                     \
+        s0 += VAL(val, j) * *(const VT *)(p + (COL(col, j) << sh));                                    \
+        s1 += VAL(val, j + 1) * *(const VT *)(p + (COL(col, j + 1) << sh));                            \
+        s2 += VAL(val, j + 2) * *(const VT *)(p + (COL(col, j + 2) << sh));                            \
+        s3 += VAL(val, j + 3) * *(const VT *)(p + (COL(col, j + 3) << sh));                            \
+      }                                                                                                \
+      for (; j < e; j++) s0 += VAL(val, j) * *(const VT *)(p + (COL(col, j) << sh));                   \
+      const VT s = (s0 + s1) + (s2 + s3);                                                              \
+      VT *out = (VT *)(yp + (o << sh) + lo);                                                           \
+      *out += whole ? s : (VT)((VI)s & keep);                                                          \
+    }                                                                                                  \
   }
-typedef float v1f __attribute__((vector_size(sizeof(float)), aligned(sizeof(float))));
+#define ENTRIES(V, VT, VI)                                                                             \
+  ENTRY(entry##V##_f32_i32, V, VT, VI, VAL_F32, COL_I32, 0)                                            \
+  ENTRY(entry##V##_bf16_i32, V, VT, VI, VAL_BF16, COL_I32, 0)                                          \
+  ENTRY(entry##V##_f32_u16, V, VT, VI, VAL_F32, COL_U16, 0)                                            \
+  ENTRY(entry##V##_bf16_u16, V, VT, VI, VAL_BF16, COL_U16, 0)                                          \
+  ENTRY(whole##V##_f32_i32, V, VT, VI, VAL_F32, COL_I32, 1)                                            \
+  ENTRY(whole##V##_bf16_i32, V, VT, VI, VAL_BF16, COL_I32, 1)                                          \
+  ENTRY(whole##V##_f32_u16, V, VT, VI, VAL_F32, COL_U16, 1)                                            \
+  ENTRY(whole##V##_bf16_u16, V, VT, VI, VAL_BF16, COL_U16, 1)
 typedef float v2f __attribute__((vector_size(2 * sizeof(float)), aligned(sizeof(float))));
 typedef float v4f __attribute__((vector_size(4 * sizeof(float)), aligned(sizeof(float))));
 typedef float v8f __attribute__((vector_size(8 * sizeof(float)), aligned(sizeof(float))));
 typedef float v16f __attribute__((vector_size(16 * sizeof(float)), aligned(sizeof(float))));
-SPAN(span2_f32, 2, v2f, VAL_F32)
-SPAN(span4_f32, 4, v4f, VAL_F32)
-SPAN(span8_f32, 8, v8f, VAL_F32)
-SPAN(span16_f32, 16, v16f, VAL_F32)
-SPAN(span2_bf16, 2, v2f, VAL_BF16)
-SPAN(span4_bf16, 4, v4f, VAL_BF16)
-SPAN(span8_bf16, 8, v8f, VAL_BF16)
-SPAN(span16_bf16, 16, v16f, VAL_BF16)
+typedef float v32f __attribute__((vector_size(32 * sizeof(float)), aligned(sizeof(float))));
+typedef int32_t v2i __attribute__((vector_size(2 * sizeof(int32_t))));
+typedef int32_t v4i __attribute__((vector_size(4 * sizeof(int32_t))));
+typedef int32_t v8i __attribute__((vector_size(8 * sizeof(int32_t))));
+typedef int32_t v16i __attribute__((vector_size(16 * sizeof(int32_t))));
+typedef int32_t v32i __attribute__((vector_size(32 * sizeof(int32_t))));
+ENTRIES(2, v2f, v2i)
+ENTRIES(4, v4f, v4i)
+ENTRIES(8, v8f, v8i)
+ENTRIES(16, v16f, v16i)
+ENTRIES(32, v32f, v32i)
+
+/* An entry of one row: y[o] += Σ_j val[j] · xr[col[j]] for o in [o0, o1), the row's input xr and output y
+ * contiguous. */
 #ifndef __AVX512F__
-SPAN(span1_f32, 1, v1f, VAL_F32)
-SPAN(span1_bf16, 1, v1f, VAL_BF16)
-#else
-/* One row with AVX-512: 16 non-zeros at a time, a masked load of their column indices and values, one gather
- * of the inputs, one multiply-add. In a decode step of 8 rows over 8 adapters (data coming from memory) this
- * took the deltas from 2.4 to 1.9 ms, although it is slower than the portable loop when the deltas are in
- * cache (40 against 32 µs per layer group). The same gather for two rows (pairs of inputs as 64-bit elements) was
- * no faster in a decode step and nearly twice as slow in cache, so two rows keep the vector code above.
- * bf16 values are widened in the register: 16 of them zero-extended to 32 bits and shifted into place. */
-#include <immintrin.h>
-#define SPAN1_AVX512(NAME, LOADV)                                                                     \
-  static void NAME(const int32_t *restrict crow, const int32_t *restrict col, const void *restrict val, \
-                   int64_t o0, int64_t o1, const float *restrict p, float *const *yk, int nr) {       \
-    (void)nr; /* always 1 */                                                                          \
-    for (int64_t o = o0; o < o1; o++) {                                                               \
-      const int32_t b = crow[o], e = crow[o + 1];                                                     \
-      if (b == e) continue;                                                                           \
-      __m512 acc = _mm512_setzero_ps();                                                               \
-      for (int32_t j = b; j < e; j += 16) {                                                           \
-        const int32_t left = e - j;                                                                   \
-        const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);           \
-        const __m512i c = _mm512_maskz_loadu_epi32(m, col + j);                                       \
-        const __m512 v = LOADV(m, val, j);                                                            \
-        acc = _mm512_fmadd_ps(v, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, c, p, 4), acc);     \
-      }                                                                                               \
-      yk[0][o] += _mm512_reduce_add_ps(acc);                                                          \
-    }                                                                                                 \
+#define ROW(NAME, VAL, COL)                                                                            \
+  static void NAME(const csr_t *a, int64_t o0, int64_t o1, const float *restrict xr, float *restrict y) { \
+    const int32_t *restrict crow = a->crow;                                                            \
+    const void *restrict col = a->col, *restrict val = a->val;                                         \
+    for (int64_t o = o0; o < o1; o++) {                                                                \
+      const int32_t b = crow[o], e = crow[o + 1];                                                      \
+      if (b == e) continue;                                                                            \
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;                                                    \
+      int32_t j = b;                                                                                   \
+      for (; j + 4 <= e; j += 4) {                                                                     \
+        s0 += VAL(val, j) * xr[COL(col, j)];                                                           \
+        s1 += VAL(val, j + 1) * xr[COL(col, j + 1)];                                                   \
+        s2 += VAL(val, j + 2) * xr[COL(col, j + 2)];                                                   \
+        s3 += VAL(val, j + 3) * xr[COL(col, j + 3)];                                                   \
+      }                                                                                                \
+      for (; j < e; j++) s0 += VAL(val, j) * xr[COL(col, j)];                                          \
+      y[o] += (s0 + s1) + (s2 + s3);                                                                   \
+    }                                                                                                  \
   }
-#define LOAD16_F32(m, v, j) _mm512_maskz_loadu_ps(m, (const float *)(v) + (j))
-#define LOAD16_BF16(m, v, j)                                                                          \
-  _mm512_castsi512_ps(_mm512_slli_epi32(                                                              \
+#define ROW_F32_I32(NAME) ROW(NAME, VAL_F32, COL_I32)
+#define ROW_BF16_I32(NAME) ROW(NAME, VAL_BF16, COL_I32)
+#define ROW_F32_U16(NAME) ROW(NAME, VAL_F32, COL_U16)
+#define ROW_BF16_U16(NAME) ROW(NAME, VAL_BF16, COL_U16)
+#else
+/* With AVX-512: 16 non-zeros at a time, a masked load of their columns and values, one gather of the inputs,
+ * one multiply-add. bf16 values and 16-bit columns are widened in the register (zero-extended; a bf16 value
+ * then shifted into the upper half). */
+#include <immintrin.h>
+#define ROW_AVX512(NAME, LOADV, LOADC)                                                                 \
+  static void NAME(const csr_t *a, int64_t o0, int64_t o1, const float *restrict xr, float *restrict y) { \
+    const int32_t *restrict crow = a->crow;                                                            \
+    const void *restrict col = a->col, *restrict val = a->val;                                         \
+    for (int64_t o = o0; o < o1; o++) {                                                                \
+      const int32_t b = crow[o], e = crow[o + 1];                                                      \
+      if (b == e) continue;                                                                            \
+      __m512 acc = _mm512_setzero_ps();                                                                \
+      for (int32_t j = b; j < e; j += 16) {                                                            \
+        const int32_t left = e - j;                                                                    \
+        const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);            \
+        const __m512 x = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, LOADC(m, col, j), xr, 4);    \
+        acc = _mm512_fmadd_ps(LOADV(m, val, j), x, acc);                                               \
+      }                                                                                                \
+      y[o] += _mm512_reduce_add_ps(acc);                                                               \
+    }                                                                                                  \
+  }
+#define LOADV_F32(m, v, j) _mm512_maskz_loadu_ps(m, (const float *)(v) + (j))
+#define LOADV_BF16(m, v, j)                                                                            \
+  _mm512_castsi512_ps(_mm512_slli_epi32(                                                               \
       _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)(v) + (j))), 16))
-SPAN1_AVX512(span1_f32, LOAD16_F32)
-SPAN1_AVX512(span1_bf16, LOAD16_BF16)
+#define LOADC_I32(m, c, j) _mm512_maskz_loadu_epi32(m, (const int32_t *)(c) + (j))
+#define LOADC_U16(m, c, j) _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)(c) + (j)))
+#define ROW_F32_I32(NAME) ROW_AVX512(NAME, LOADV_F32, LOADC_I32)
+#define ROW_BF16_I32(NAME) ROW_AVX512(NAME, LOADV_BF16, LOADC_I32)
+#define ROW_F32_U16(NAME) ROW_AVX512(NAME, LOADV_F32, LOADC_U16)
+#define ROW_BF16_U16(NAME) ROW_AVX512(NAME, LOADV_BF16, LOADC_U16)
 #endif
+ROW_F32_I32(row_f32_i32)
+ROW_BF16_I32(row_bf16_i32)
+ROW_F32_U16(row_f32_u16)
+ROW_BF16_U16(row_bf16_u16)
 
-typedef void (*span_fn)(const int32_t *, const int32_t *, const void *, int64_t, int64_t, const float *,
-                        float *const *, int);
-static const span_fn SPANS[2][5] = {{span1_f32, span2_f32, span4_f32, span8_f32, span16_f32},
-                                    {span1_bf16, span2_bf16, span4_bf16, span8_bf16, span16_bf16}};
+/* By kind (BF16 | COL16), and for the entries by width 2, 4, 8, 16, 32. */
+typedef void (*row_fn)(const csr_t *, int64_t, int64_t, const float *, float *);
+typedef void (*entry_fn)(const csr_t *, uint32_t, int64_t, int64_t, const float *, float *, int, int);
+static const row_fn ROWS[4] = {row_f32_i32, row_bf16_i32, row_f32_u16, row_bf16_u16};
+#define BY_KIND(P, V) {P##V##_f32_i32, P##V##_bf16_i32, P##V##_f32_u16, P##V##_bf16_u16}
+/* [whole block][log2(width) - 1][kind] */
+static const entry_fn ENTRY_FNS[2][5][4] = {
+    {BY_KIND(entry, 2), BY_KIND(entry, 4), BY_KIND(entry, 8), BY_KIND(entry, 16), BY_KIND(entry, 32)},
+    {BY_KIND(whole, 2), BY_KIND(whole, 4), BY_KIND(whole, 8), BY_KIND(whole, 16), BY_KIND(whole, 32)}};
 
-/* A chunk is up to CHUNK rows of one adapter, interleaved in a width of the next power of two: one pass over
- * the adapter's delta serves them all (a chain of tasks puts many rows under its first adapters; with chunks
- * of 4 rather than 16, an 8-task chain at 32 rows cost the decode step twice as much). A chunk takes at most PAD
- * rows of padding, so adapter t's chunks start at xp + (row_start[t] + PAD·t)·d_in. */
-#define CHUNK 16
-#define PAD 7
-static inline int width_of(int nr) { return nr <= 1 ? 1 : nr <= 2 ? 2 : nr <= 4 ? 4 : nr <= 8 ? 8 : 16; }
-static inline int span_of(int width) { return width == 1 ? 0 : width == 2 ? 1 : width == 4 ? 2 : width == 8 ? 3 : 4; }
+#define MAX_ROWS 32 /* rows in a block */
+static inline int width_of(int nr) { int w = 1; while (w < nr) w *= 2; return w; }
+static inline int log2_of(int w) { return __builtin_ctz((unsigned)w); }
+static inline int one_row(uint32_t m) { return (m & (m - 1)) == 0; }
 
-/* n_adapters CSR deltas of shape (d_out, d_in); the rows of adapter t are rows[row_start[t]:row_start[t+1]].
- * A row may be listed under several adapters (a route of several deltas): each adds its product.
+/* Whether a block has an entry of two rows or more: only then are its inputs interleaved. */
+static int interleaved(const uint32_t *ent_mask, int32_t e0, int32_t e1) {
+  for (int32_t i = e0; i < e1; i++)
+    if (!one_row(ent_mask[i])) return 1;
+  return 0;
+}
+
+/* Output rows [o0, o1) of one block of nr rows (xk[k], yk[k]: row k's input and output), its n_ent entries;
+ * p: its interleaved inputs (d_in, width); yp: its (d_out, width) sums. An entry of several rows runs over the
+ * narrowest aligned window of lanes that holds them (a chain's later adapters serve the block's last rows). */
+static void run_block(const csr_t *adapters, const int32_t *ent_adapter, const uint32_t *ent_mask, int32_t n_ent,
+                      int64_t o0, int64_t o1, int nr, int width, const float *p, const float *const *xk,
+                      float *const *yk, float *yp) {
+  int summed = 0;
+  for (int32_t i = 0; i < n_ent; i++) {
+    const csr_t *a = adapters + ent_adapter[i];
+    const uint32_t m = ent_mask[i];
+    if (one_row(m)) {
+      const int k = __builtin_ctz(m);
+      ROWS[a->kind](a, o0, o1, xk[k], yk[k]);
+      continue;
+    }
+    if (!summed)
+      for (int64_t j = o0 * width; j < o1 * width; j++) yp[j] = 0.f;
+    summed = 1;
+    const int first = __builtin_ctz(m), last = 31 - __builtin_clz(m);
+    int v = 2;
+    while (first / v != last / v) v *= 2;
+    ENTRY_FNS[v == width][log2_of(v) - 1][a->kind](a, m, o0, o1, p, yp, log2_of(width), first / v * v);
+  }
+  if (summed)
+    for (int64_t o = o0; o < o1; o++)
+      for (int k = 0; k < nr; k++) yk[k][o] += yp[o * width + k];
+}
+
+/* The first output row of thread id of nt: the rows split so that each thread has about as many non-zeros
+ * of all adapters (and rows, each of which costs a little) as the others. */
+static int64_t split(const csr_t *adapters, int64_t n_adapters, int64_t d_out, int64_t id, int64_t nt) {
+  if (id <= 0) return 0;
+  if (id >= nt) return d_out;
+  int64_t total = d_out;
+  for (int64_t t = 0; t < n_adapters; t++) total += adapters[t].crow[d_out];
+  const int64_t goal = total * id / nt;
+  int64_t lo = 0, hi = d_out; /* the first o whose work before it reaches the goal */
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    int64_t before = mid;
+    for (int64_t t = 0; t < n_adapters; t++) before += adapters[t].crow[mid];
+    if (before < goal) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+/* adapters: (n_adapters,) CSR deltas of shape (d_out, d_in). Block b holds rows[block_start[b]:block_start[b+1]]
+ * (at most 32; a row of x and y in one block at most) and the entries entry_start[b]:entry_start[b+1]: adapter
+ * entry_adapter[i] for the block's rows in bit mask entry_mask[i] (bit k: the block's k-th row).
  * x: (n, xs) fp32, a row's input in its first d_in entries; y: (n, ys) fp32, its output in the first d_out.
- * xp: scratch of (row_start[n_adapters] + PAD · n_adapters) · d_in floats. */
-void jumplora_sparse_delta_add(int64_t n_adapters, const csr_t *adapters, const int32_t *row_start,
-                               const int32_t *rows, int64_t d_in, int64_t d_out, const float *x, int64_t xs,
-                               float *y, int64_t ys, float *xp, int32_t n_threads) {
-  /* The d_out output rows are split evenly between the threads; each thread walks every adapter over its own
-   * stretch of them. So each y[r, o] is written by one thread only, however many adapters row r has. */
+ * xp: scratch of Σ_b width(b) · d_in floats; yp: of Σ_b width(b) · d_out floats. */
+void jumplora_sparse_delta_add(const csr_t *adapters, int64_t n_adapters, int64_t n_blocks,
+                               const int32_t *block_start, const int32_t *rows, const int32_t *entry_start,
+                               const int32_t *entry_adapter, const uint32_t *entry_mask, int64_t d_in,
+                               int64_t d_out, const float *x, int64_t xs, float *y, int64_t ys, float *xp,
+                               float *yp, int32_t n_threads) {
 #pragma omp parallel num_threads(n_threads)
   {
-    /* First each chunk's inputs are interleaved, (d_in, width), so that one column index fetches all of them;
-     * padding rows are zeros. */
+    /* First the blocks' inputs are interleaved, (d_in, W) each, padding lanes zero; the threads split the
+     * columns. */
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < n_adapters; t++)
-      for (int32_t r0 = row_start[t]; r0 < row_start[t + 1]; r0 += CHUNK) {
-        const int32_t left = row_start[t + 1] - r0, nr = left < CHUNK ? left : CHUNK, width = width_of(nr);
-        float *dst = xp + (r0 + PAD * t) * d_in;
-        for (int k = 0; k < nr; k++) {
-          const float *src = x + (int64_t)rows[r0 + k] * xs;
-          for (int64_t c = 0; c < d_in; c++) dst[c * width + k] = src[c];
+    for (int64_t c = 0; c < d_in; c++) {
+      int64_t lanes = 0;
+      for (int64_t b = 0; b < n_blocks; b++) {
+        const int32_t r0 = block_start[b], nr = block_start[b + 1] - r0, width = width_of(nr);
+        if (width > 1 && interleaved(entry_mask, entry_start[b], entry_start[b + 1])) {
+          float *dst = xp + lanes * d_in + c * width;
+          for (int k = 0; k < nr; k++) dst[k] = x[(int64_t)rows[r0 + k] * xs + c];
+          for (int k = nr; k < width; k++) dst[k] = 0.f;
         }
-        for (int k = nr; k < width; k++)
-          for (int64_t c = 0; c < d_in; c++) dst[c * width + k] = 0.f;
-      } /* (the implied barrier: every chunk is packed before any is read) */
-    const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
-    const int64_t o0 = d_out * id / nt, o1 = d_out * (id + 1) / nt;
-    for (int64_t t = 0; t < n_adapters && o0 < o1; t++) {
-      const csr_t a = adapters[t];
-      const span_fn *spans = SPANS[a.bf16 != 0];
-      for (int32_t r0 = row_start[t]; r0 < row_start[t + 1]; r0 += CHUNK) {
-        const int32_t left = row_start[t + 1] - r0, nr = left < CHUNK ? left : CHUNK;
-        float *yk[CHUNK];
-        for (int k = 0; k < nr; k++) yk[k] = y + (int64_t)rows[r0 + k] * ys;
-        spans[span_of(width_of(nr))](a.crow, a.col, a.val, o0, o1, xp + (r0 + PAD * t) * d_in, yk, nr);
+        lanes += width;
       }
+    } /* (the implied barrier: every block is packed before any is read) */
+    const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+    const int64_t o0 = split(adapters, n_adapters, d_out, id, nt), o1 = split(adapters, n_adapters, d_out, id + 1, nt);
+    int64_t lanes = 0;
+    for (int64_t b = 0; b < n_blocks && o0 < o1; b++) {
+      const int32_t r0 = block_start[b], nr = block_start[b + 1] - r0, width = width_of(nr);
+      const float *xk[MAX_ROWS];
+      float *yk[MAX_ROWS];
+      for (int k = 0; k < nr; k++) {
+        xk[k] = x + (int64_t)rows[r0 + k] * xs;
+        yk[k] = y + (int64_t)rows[r0 + k] * ys;
+      }
+      const int32_t e0 = entry_start[b];
+      run_block(adapters, entry_adapter + e0, entry_mask + e0, entry_start[b + 1] - e0, o0, o1, nr, width,
+                xp + lanes * d_in, xk, yk, yp + lanes * d_out);
+      lanes += width;
     }
   }
 }

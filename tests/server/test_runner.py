@@ -25,7 +25,10 @@ def test_representations_and_routes_are_as_intended(bank):
     qkv = next(iter(state.route("sparse-a")[0].groups))
     kinds = [state.route(n)[-1].groups[qkv].kind for n in ("sparse-a", "dense-b", "lowrank-c", STACK)]
     assert kinds == ["sparse", "dense", "lowrank", "dense"]
-    assert state.route("sparse-a")[0].groups[qkv].val.dtype == torch.bfloat16  # stored and served compact
+    served = state.route("sparse-a")[0].groups[qkv]
+    # served compact: int16 columns and the stored bf16 values widened to fp32, 6 bytes a non-zero as stored
+    assert served.col.dtype == torch.int16 and served.val.dtype == torch.float32
+    assert torch.equal(served.val, served.val.bfloat16().float()) and served.nbytes == 6 * served.nnz + 4 * (128 + 1)
     assert "model.layers.0.self_attn.q_proj" in state.stack.merged
     # a task trained on another: both deltas, the parent's the very adapter its own route serves
     assert [a.name for a in state.route("chain-d")] == ["sparse-a", "chain-d"]

@@ -1,9 +1,11 @@
 """The compiled sparse-delta kernel: every row gets the deltas of its adapters (one or several: a route), whatever
-the number of rows per adapter (the kernel takes them 4 at a time), the row order, the strides of x and y, the
-values' dtype (fp32, bf16) and empty deltas; the build is cached, and a missing or failing compiler leaves the
-engine on torch's products with a logged reason."""
+the number of rows per adapter (rows go in blocks of up to 16), the row order, the strides of x and y, the values'
+dtype (fp32, bf16), the columns' (int32, int16) and empty deltas; rows are laid out so that a chain's routes share
+blocks; the build is cached, and a missing or failing compiler leaves the engine on torch's products with a logged
+reason."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import platform
@@ -16,12 +18,16 @@ from adapters_store import SparseDelta
 from server.bank import group_delta
 
 
-def _delta(d_out, d_in, density, g, bf16=False):
-    """A sparse group delta of one layer, and its dense reference (after the bf16 rounding, if any)."""
+def _delta(d_out, d_in, density, g, form="f32-i16"):
+    """A sparse group delta of one layer in ``form`` (values-columns), and its dense reference (after the bf16
+    rounding of the store)."""
     dense = torch.randn(d_out, d_in, generator=g) * (torch.rand(d_out, d_in, generator=g) < density)
-    stored = SparseDelta.from_dense(dense, compact=bf16)
+    stored = SparseDelta.from_dense(dense, compact=True)
     delta = group_delta({"layer": stored}, (("layer",), (d_out,)), dense_above=1.0)
-    assert delta.kind == "sparse" and delta.val.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    assert delta.kind == "sparse" and delta.val.dtype == torch.float32 and delta.col.dtype == torch.int16  # served
+    values, columns = form.split("-")
+    delta = dataclasses.replace(delta, val=delta.val.to(torch.bfloat16 if values == "bf16" else torch.float32),
+                                col=delta.col.to(torch.int16 if columns == "i16" else torch.int32))
     return delta, stored.to_dense()
 
 
@@ -37,16 +43,16 @@ def any_kernel(request, sparse_kernel, tmp_path_factory):
     return kernel
 
 
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("form", ["f32-i16", "bf16-i32", "f32-i32", "bf16-i16"])
 @pytest.mark.parametrize("shared", [False, True], ids=["own", "routes"])
 @pytest.mark.parametrize("counts", [[1], [2, 1, 3], [4, 5, 0, 9], [8, 7, 1, 2, 3], [2] * 8, [1] * 8, [16, 17, 33],
-                                    [15, 12, 6, 10]])
-def test_each_row_gets_its_adapters_deltas(any_kernel, counts, shared, bf16):
+                                    [15, 12, 6, 10], [1] * 20])
+def test_each_row_gets_its_adapters_deltas(any_kernel, counts, shared, form):
     """``shared``: each adapter takes a random subset of the rows, so that most rows have several adapters (a
     route of several deltas), as a chain of tasks gives; otherwise each row has one."""
-    g = torch.Generator().manual_seed(len(counts) * 100 + sum(counts) + 7 * shared + bf16)
+    g = torch.Generator().manual_seed(len(counts) * 100 + sum(counts) + 7 * shared + len(form))
     d_out, d_in = 24, 40
-    made = [_delta(d_out, d_in, 0.2, g, bf16) for _ in counts]
+    made = [_delta(d_out, d_in, 0.2, g, form) for _ in counts]
     n = (max(counts) + 3) if shared else sum(counts) + 2  # rows without an adapter too
     order = torch.randperm(n, generator=g)[:sum(counts)].tolist()  # rows of each adapter, scattered in the batch
     starts, rows = [0], []
@@ -62,10 +68,41 @@ def test_each_row_gets_its_adapters_deltas(any_kernel, counts, shared, bf16):
         for r in rows[starts[t]:starts[t + 1]]:
             expected[r, 2:2 + d_out] += made[t][1] @ x[r]
     group = any_kernel.prepare([d for d, _ in made])
-    scratch = torch.full((any_kernel.scratch_size(group, len(rows)),), float("nan"))  # never read unwritten
-    any_kernel.add(group, torch.tensor(starts, dtype=torch.int32), torch.tensor(rows, dtype=torch.int32), x, y,
-                      scratch)
+    at = any_kernel.layout(starts, rows)
+    assert sorted(at.rows.tolist()) == sorted(set(rows))  # each row once
+    scratch = torch.full((any_kernel.scratch_size(group, at),), float("nan"))  # never read unwritten
+    any_kernel.add_at(group, at, x, y, scratch)
     assert torch.allclose(y_full, expected, atol=1e-4), float((y_full - expected).abs().max())
+
+
+def test_a_row_outside_an_entry_never_reaches_its_sums(any_kernel):
+    """A block computes an entry's sums for all its lanes and clears those of rows outside the entry: an input
+    that is not finite in such a row stays out of the others' outputs."""
+    g = torch.Generator().manual_seed(5)
+    (a, dense_a), (b, dense_b) = _delta(8, 12, 0.5, g), _delta(8, 12, 0.5, g)
+    x = torch.randn(3, 12, generator=g)
+    x[0] = float("inf")  # row 0 has adapter a only; rows 1 and 2 have a and b
+    y = torch.zeros(3, 8)
+    any_kernel.add(any_kernel.prepare([a, b]), [0, 3, 5], [0, 1, 2, 1, 2], x, y)
+    assert torch.allclose(y[1:], x[1:] @ (dense_a + dense_b).T, atol=1e-4)
+
+
+def test_a_chains_routes_share_blocks(sparse_kernel):
+    """A chain's routes (route k: adapters 0..k) over 48 rows, 6 each, interleaved in the batch: ordered by route,
+    a block of 32 rows needs adapters 0..5 and one of 16 all 8 (14 delta passes), where blocks in batch order
+    would need all 8 twice; a later adapter's rows are the block's last lanes."""
+    routes = [list(range(i % 8 + 1)) for i in range(48)]
+    starts, rows = [0], []
+    for t in range(8):
+        rows += [r for r, route in enumerate(routes) if t in route]
+        starts.append(len(rows))
+    at = sparse_kernel.layout(starts, rows)
+    assert at.block_start.tolist() == [0, 32, 48] and at.entry_start.tolist() == [0, 6, 14]
+    assert at.lanes == 48
+    masks = {t: m & 0xFFFFFFFF for t, m in zip(at.entry_adapter[:6].tolist(), at.entry_mask[:6].tolist())}
+    assert masks[0] == 0xFFFFFFFF and masks[5] == 0xC0000000  # every row has adapter 0; 2 rows of route 0..5
+    with pytest.raises(ValueError, match="twice"):
+        sparse_kernel.layout([0, 2], [1, 1])
 
 
 def test_empty_deltas_and_wrong_inputs_are_refused_or_harmless(sparse_kernel):
@@ -75,18 +112,24 @@ def test_empty_deltas_and_wrong_inputs_are_refused_or_harmless(sparse_kernel):
     group = sparse_kernel.prepare([empty])
     y = torch.randn(2, 6)
     before = y.clone()
-    sparse_kernel.add(group, torch.tensor([0, 2], dtype=torch.int32), torch.tensor([1, 0], dtype=torch.int32),
-                      torch.randn(2, 5), y, torch.empty(45))
+    at = sparse_kernel.layout([0, 2], [1, 0])
+    assert sparse_kernel.scratch_size(group, at) == 2 * (5 + 6)  # one block of 2 lanes: inputs and sums
+    sparse_kernel.add_at(group, at, torch.randn(2, 5), y, torch.empty(22))
     assert torch.equal(y, before)
     with pytest.raises(ValueError, match="fp32"):
-        sparse_kernel.add(group, torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0], dtype=torch.int32),
-                          torch.randn(1, 5, dtype=torch.float64), y, torch.empty(45))
-    with pytest.raises(ValueError, match="too small"):
-        sparse_kernel.add(group, torch.tensor([0, 2], dtype=torch.int32), torch.tensor([1, 0], dtype=torch.int32),
-                          torch.randn(2, 5), y, torch.empty(44))  # needs (2 rows + 7 spare rows an adapter) · 5
-    with pytest.raises(ValueError, match="int32"):  # int64 row lists would be read as garbage row numbers
-        sparse_kernel.add(group, torch.tensor([0, 2]), torch.tensor([1, 0]), torch.randn(2, 5), y, torch.empty(45))
+        sparse_kernel.add(group, [0, 1], [0], torch.randn(1, 5, dtype=torch.float64), y)
+    with pytest.raises(ValueError, match="scratch too small"):
+        sparse_kernel.add_at(group, at, torch.randn(2, 5), y, torch.empty(21))
+    with pytest.raises(ValueError, match="too small"):  # row 2 is past x and y
+        sparse_kernel.add(group, [0, 1], [2], torch.randn(2, 5), y)
+    with pytest.raises(ValueError, match="adapters"):
+        sparse_kernel.add(group, [0, 1, 2], [0, 1], torch.randn(2, 5), y)
+    with pytest.raises(ValueError, match="starts"):
+        sparse_kernel.add(group, [0, 3], [0, 1], torch.randn(2, 5), y)
     assert torch.equal(y, before)
+    wide = dataclasses.replace(empty, shape=(6, 40000), col=empty.col.to(torch.int16))
+    with pytest.raises(ValueError, match="int16 columns"):
+        sparse_kernel.prepare([wide])
     with pytest.raises(ValueError, match="shapes"):
         sparse_kernel.prepare([empty, _delta(7, 5, 0.5, g)[0]])
 

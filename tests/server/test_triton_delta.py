@@ -6,6 +6,7 @@ bank's own deltas (``make_adapter``) against their torch product; and the module
 triton is a dev dependency: without it these tests fail, they do not skip."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 
@@ -41,6 +42,7 @@ def _delta(g, dtype, density=0.25, empty_rows=(), empty=False):
     else:
         stored = SparseDelta.from_dense(dense, compact=dtype == torch.bfloat16)
         delta = group_delta({"layer": stored}, (("layer",), (D_OUT,)), dense_above=1.0)
+        delta = dataclasses.replace(delta, val=delta.val.to(dtype))  # (on CPU served as fp32: bf16 as on CUDA)
     assert delta.kind == "sparse" and delta.val.dtype == dtype
     return delta, delta.to_dense()
 
@@ -116,8 +118,9 @@ def test_deterministic_and_positions_reused():
 
 def test_bank_adapters_match_their_torch_product():
     """Deltas made by the bank's own path (``make_adapter``: a q/k/v group of which q and v are adapted, bf16
-    compact values as stored) give what ``GroupDelta.apply`` (torch's CSR product, the plan's other path) does;
-    x and y bf16 as a GPU model runs them."""
+    compact values as stored; made on CPU, so in the CPU's served form, int16 columns and the values widened to
+    fp32) give what ``GroupDelta.apply`` (torch's CSR product, the plan's other path) does; x and y bf16 as a
+    GPU model runs them."""
     g = torch.Generator().manual_seed(5)
     layers, widths = ("m.q_proj", "m.k_proj", "m.v_proj"), (32, 16, 16)
     group = (layers, widths)
@@ -128,7 +131,7 @@ def test_bank_adapters_match_their_torch_product():
         stored = {name: SparseDelta.from_dense(d, compact=True) for name, d in dense.items()}
         adapters.append(make_adapter(f"task-{i}", stored, [group], dense_above=0.5))  # 10 %: sparse
     deltas = [a.groups[layers] for a in adapters]
-    assert all(d.kind == "sparse" and d.val.dtype == torch.bfloat16 for d in deltas)
+    assert all(d.kind == "sparse" and d.col.dtype == torch.int16 and d.val.dtype == torch.float32 for d in deltas)
     n = 9
     members = [[0, 1, 2, 3, 4], [2, 3, 4], [4, 7, 8]]  # a chain: positions 2..4 hold two or three adapters
     x = torch.randn(n, D_IN, generator=g).to(torch.bfloat16)
