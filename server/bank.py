@@ -11,7 +11,7 @@ q/k/v: ``server/runner.py``), one ``GroupDelta``: the group's layers' rows one a
 in one of three forms, chosen when it is loaded:
   * sparse (CSR; on CPU int16 columns and fp32 values, elsewhere int32 columns and bf16 values as stored:
     ``served_form``) up to ``DENSE_ABOVE`` density. On CPU in fp32 these go through the compiled kernel of
-    ``server/sparse_kernel.py`` (positions in blocks of 16 with similar routes, each adapter's delta read once
+    ``server/sparse_kernel.py`` (positions in blocks of up to 32 with similar routes, each adapter's delta read once
     per block that holds it); on CUDA through the Triton kernel of
     ``server/triton_delta.py`` (every sparse adapter of a group in one launch); elsewhere through torch's CSR
     product, per adapter.
@@ -41,7 +41,7 @@ BASE = "@base"
 STACK = "@stack"
 DENSE_ABOVE = 0.06  # a group's delta denser than this is served dense
 # An adapter with more positions than this in one forward (a long prompt chunk) takes torch's CSR product, which
-# reads the delta once, where the kernel reads it once per 16 positions.
+# reads the delta once, where the kernel reads it once per block of up to 32 positions.
 KERNEL_MAX_ROWS = 128
 COL16_MAX = 32768  # the most columns a delta served with int16 column indices may have
 

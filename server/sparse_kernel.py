@@ -1,12 +1,13 @@
-"""The compiled CPU kernel for the decode rows' sparse deltas (``csrc/sparse_delta.c``): built once per machine
-with the system C compiler into the cache folder, loaded with ctypes. Without a compiler (or if the build or
-the load fails) the engine uses torch's sparse products instead, with the same results; ``load`` says why in
-the log.
+"""The compiled CPU kernel for the rows' sparse deltas (``csrc/sparse_delta.c``): built once per machine with the
+system C compiler into the cache folder, loaded with ctypes. Without a compiler (or if the build or the load
+fails) the engine uses torch's sparse products instead, with the same results; ``load`` says why in the log.
 
-Measured on the 2-core AMD EPYC this was built on, one projection group (q/k/v of SmolLM2, 8 adapters at 3.5 %
-density) at 16 decode rows in a decode step: about 100 µs through torch (gather the rows' inputs, MKL's CSR SpMM
-of a block-diagonal table, scatter the outputs back), about 55 µs here (``csrc/sparse_delta.c`` says why).
-README, Benchmarks, has the whole step."""
+A batch's rows go in blocks of up to 32 (``layout``), rows with the same or similar routes side by side; each
+block reads every delta it needs once, for all its rows. ``python -m benchmarks.chain_kernel`` times the kernel
+alone on the trained 8-task chain, with the caches flushed between calls as a decode step leaves them (2-core
+Xeon, AVX-512; µs per q/k/v group, median of 6 passes over the 30 layers): 60 at 1 row (one adapter), 190 at 8
+rows, 214 at 16 and 274 at 32 (rows on every route of the chain: all 8 deltas read). README, Benchmarks, has
+the whole decode step and the serving figures."""
 from __future__ import annotations
 
 import ctypes
@@ -77,9 +78,11 @@ class SparseDeltaKernel:
         self.path = path
         self._fn = lib.jumplora_sparse_delta_add
         self._fn.restype = None
-        self._fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                             ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
+        ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+        # adapters, n_adapters, n_blocks, block_start, rows, entry_start, entry_adapter, entry_mask, d_in, d_out,
+        # x, xs, y, ys, xp, yp, n_threads
+        self._fn.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, ptr, i64, ptr, ptr,
+                             ctypes.c_int32]
 
     @staticmethod
     def prepare(deltas: list) -> Prepared:
@@ -169,8 +172,8 @@ class SparseDeltaKernel:
             raise ValueError(f"scratch too small: {size} fp32 needed")
         if not at.rows.numel():
             return
-        self._fn(ctypes.addressof(group.table), len(group.deltas), at.block_start.numel() - 1, at.block_start.data_ptr(),
-                 at.rows.data_ptr(), at.entry_start.data_ptr(), at.entry_adapter.data_ptr(),
+        self._fn(ctypes.addressof(group.table), len(group.deltas), at.block_start.numel() - 1,
+                 at.block_start.data_ptr(), at.rows.data_ptr(), at.entry_start.data_ptr(), at.entry_adapter.data_ptr(),
                  at.entry_mask.data_ptr(), group.d_in, group.d_out, x.data_ptr(), x.stride(0), y.data_ptr(),
                  y.stride(0), scratch.data_ptr(), scratch.data_ptr() + 4 * at.lanes * group.d_in,
                  torch.get_num_threads())
