@@ -99,53 +99,42 @@ ENTRIES(8, v8f, v8i)
 ENTRIES(16, v16f, v16i)
 ENTRIES(32, v32f, v32i)
 
-/* An entry of one row: y[o] += Σ_j val[j] · xr[col[j]] for o in [o0, o1), the row's input xr and output y
- * contiguous. */
+/* One row's sum over the non-zeros [b, e) of an output row: Σ_j val[j] · xr[col[j]], its input xr contiguous. */
 #ifndef __AVX512F__
-#define ROW(NAME, VAL, COL)                                                                            \
-  static void NAME(const csr_t *a, int64_t o0, int64_t o1, const float *restrict xr, float *restrict y) { \
-    const int32_t *restrict crow = a->crow;                                                            \
-    const void *restrict col = a->col, *restrict val = a->val;                                         \
-    for (int64_t o = o0; o < o1; o++) {                                                                \
-      const int32_t b = crow[o], e = crow[o + 1];                                                      \
-      if (b == e) continue;                                                                            \
-      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;                                                    \
-      int32_t j = b;                                                                                   \
-      for (; j + 4 <= e; j += 4) {                                                                     \
-        s0 += VAL(val, j) * xr[COL(col, j)];                                                           \
-        s1 += VAL(val, j + 1) * xr[COL(col, j + 1)];                                                   \
-        s2 += VAL(val, j + 2) * xr[COL(col, j + 2)];                                                   \
-        s3 += VAL(val, j + 3) * xr[COL(col, j + 3)];                                                   \
-      }                                                                                                \
-      for (; j < e; j++) s0 += VAL(val, j) * xr[COL(col, j)];                                          \
-      y[o] += (s0 + s1) + (s2 + s3);                                                                   \
+#define DOT1(NAME, VAL, COL)                                                                           \
+  static inline float NAME(const void *restrict col, const void *restrict val, int32_t b, int32_t e,   \
+                           const float *restrict xr) {                                                 \
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;                                                      \
+    int32_t j = b;                                                                                     \
+    for (; j + 4 <= e; j += 4) {                                                                       \
+      s0 += VAL(val, j) * xr[COL(col, j)];                                                             \
+      s1 += VAL(val, j + 1) * xr[COL(col, j + 1)];                                                     \
+      s2 += VAL(val, j + 2) * xr[COL(col, j + 2)];                                                     \
+      s3 += VAL(val, j + 3) * xr[COL(col, j + 3)];                                                     \
     }                                                                                                  \
+    for (; j < e; j++) s0 += VAL(val, j) * xr[COL(col, j)];                                            \
+    return (s0 + s1) + (s2 + s3);                                                                      \
   }
-#define ROW_F32_I32(NAME) ROW(NAME, VAL_F32, COL_I32)
-#define ROW_BF16_I32(NAME) ROW(NAME, VAL_BF16, COL_I32)
-#define ROW_F32_U16(NAME) ROW(NAME, VAL_F32, COL_U16)
-#define ROW_BF16_U16(NAME) ROW(NAME, VAL_BF16, COL_U16)
+DOT1(dot1_f32_i32, VAL_F32, COL_I32)
+DOT1(dot1_bf16_i32, VAL_BF16, COL_I32)
+DOT1(dot1_f32_u16, VAL_F32, COL_U16)
+DOT1(dot1_bf16_u16, VAL_BF16, COL_U16)
 #else
 /* With AVX-512: 16 non-zeros at a time, a masked load of their columns and values, one gather of the inputs,
  * one multiply-add. bf16 values and 16-bit columns are widened in the register (zero-extended; a bf16 value
  * then shifted into the upper half). */
 #include <immintrin.h>
-#define ROW_AVX512(NAME, LOADV, LOADC)                                                                 \
-  static void NAME(const csr_t *a, int64_t o0, int64_t o1, const float *restrict xr, float *restrict y) { \
-    const int32_t *restrict crow = a->crow;                                                            \
-    const void *restrict col = a->col, *restrict val = a->val;                                         \
-    for (int64_t o = o0; o < o1; o++) {                                                                \
-      const int32_t b = crow[o], e = crow[o + 1];                                                      \
-      if (b == e) continue;                                                                            \
-      __m512 acc = _mm512_setzero_ps();                                                                \
-      for (int32_t j = b; j < e; j += 16) {                                                            \
-        const int32_t left = e - j;                                                                    \
-        const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);            \
-        const __m512 x = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, LOADC(m, col, j), xr, 4);    \
-        acc = _mm512_fmadd_ps(LOADV(m, val, j), x, acc);                                               \
-      }                                                                                                \
-      y[o] += _mm512_reduce_add_ps(acc);                                                               \
+#define DOT1(NAME, LOADV, LOADC)                                                                       \
+  static inline float NAME(const void *restrict col, const void *restrict val, int32_t b, int32_t e,   \
+                           const float *restrict xr) {                                                 \
+    __m512 acc = _mm512_setzero_ps();                                                                  \
+    for (int32_t j = b; j < e; j += 16) {                                                              \
+      const int32_t left = e - j;                                                                      \
+      const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);              \
+      const __m512 x = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, LOADC(m, col, j), xr, 4);      \
+      acc = _mm512_fmadd_ps(LOADV(m, val, j), x, acc);                                                 \
     }                                                                                                  \
+    return _mm512_reduce_add_ps(acc);                                                                  \
   }
 #define LOADV_F32(m, v, j) _mm512_maskz_loadu_ps(m, (const float *)(v) + (j))
 #define LOADV_BF16(m, v, j)                                                                            \
@@ -153,15 +142,23 @@ ENTRIES(32, v32f, v32i)
       _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)(v) + (j))), 16))
 #define LOADC_I32(m, c, j) _mm512_maskz_loadu_epi32(m, (const int32_t *)(c) + (j))
 #define LOADC_U16(m, c, j) _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)(c) + (j)))
-#define ROW_F32_I32(NAME) ROW_AVX512(NAME, LOADV_F32, LOADC_I32)
-#define ROW_BF16_I32(NAME) ROW_AVX512(NAME, LOADV_BF16, LOADC_I32)
-#define ROW_F32_U16(NAME) ROW_AVX512(NAME, LOADV_F32, LOADC_U16)
-#define ROW_BF16_U16(NAME) ROW_AVX512(NAME, LOADV_BF16, LOADC_U16)
+DOT1(dot1_f32_i32, LOADV_F32, LOADC_I32)
+DOT1(dot1_bf16_i32, LOADV_BF16, LOADC_I32)
+DOT1(dot1_f32_u16, LOADV_F32, LOADC_U16)
+DOT1(dot1_bf16_u16, LOADV_BF16, LOADC_U16)
 #endif
-ROW_F32_I32(row_f32_i32)
-ROW_BF16_I32(row_bf16_i32)
-ROW_F32_U16(row_f32_u16)
-ROW_BF16_U16(row_bf16_u16)
+
+/* An entry of one row: y[o] += that sum for every output row o in [o0, o1), the row's output y contiguous. */
+#define ROW(NAME, DOT)                                                                                 \
+  static void NAME(const csr_t *a, int64_t o0, int64_t o1, const float *restrict xr, float *restrict y) { \
+    const int32_t *restrict crow = a->crow;                                                            \
+    for (int64_t o = o0; o < o1; o++)                                                                  \
+      if (crow[o] != crow[o + 1]) y[o] += DOT(a->col, a->val, crow[o], crow[o + 1], xr);              \
+  }
+ROW(row_f32_i32, dot1_f32_i32)
+ROW(row_bf16_i32, dot1_bf16_i32)
+ROW(row_f32_u16, dot1_f32_u16)
+ROW(row_bf16_u16, dot1_bf16_u16)
 
 /* By kind (BF16 | COL16), and for the entries by width 2, 4, 8, 16, 32. */
 typedef void (*row_fn)(const csr_t *, int64_t, int64_t, const float *, float *);
