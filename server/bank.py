@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from adapters_store import LowRankDelta, SparseDelta
 
 from .kernels import Linear
-from .sparse_kernel import SparseDeltaKernel
+from .sparse_kernel import COL16_MAX, SparseDeltaKernel
 
 BASE = "@base"
 STACK = "@stack"
@@ -43,7 +43,6 @@ DENSE_ABOVE = 0.06  # a group's delta denser than this is served dense
 # An adapter with more positions than this in one forward (a long prompt chunk) takes torch's CSR product, which
 # reads the delta once, where the kernel reads it once per block of up to 32 positions.
 KERNEL_MAX_ROWS = 128
-COL16_MAX = 32768  # the most columns a delta served with int16 column indices may have
 
 Group = tuple[tuple[str, ...], tuple[int, ...]]  # a projection group: its layers (module paths), each one's d_out
 
@@ -135,8 +134,7 @@ def group_delta(parts: dict[str, Stored], group: Group, device=None, dense_above
             vals.append(p.values)
     crow = torch.zeros(d_out + 1, dtype=torch.int64)
     crow[1:] = torch.cumsum(torch.bincount(torch.cat(rows), minlength=d_out), 0)
-    col, val = served_form(torch.cat(cols), torch.cat([v.float() if v.dtype != torch.bfloat16 else v for v in vals]),
-                           d_in, device)
+    col, val = served_form(torch.cat(cols), torch.cat(vals), d_in, device)
     return GroupDelta(shape=(d_out, d_in), nnz=nnz, crow=crow.to(torch.int32).to(device), col=col, val=val)
 
 
@@ -147,7 +145,7 @@ def served_form(col: torch.Tensor, val: torch.Tensor, d_in: int, device=None) ->
     the values as stored (bf16 if all are), which the Triton kernel widens itself."""
     if device is None or torch.device(device).type == "cpu":
         return (col.to(torch.int16) if d_in <= COL16_MAX else col.to(torch.int32)), val.float()
-    return col.to(torch.int32).to(device), val.to(device)
+    return col.to(torch.int32).to(device), (val if val.dtype == torch.bfloat16 else val.float()).to(device)
 
 
 @dataclass(frozen=True, eq=False)

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "sparse_delta.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+COL16_MAX = 32768  # the most columns a delta may have with int16 column indices (read as unsigned 16 bits)
 
 
 class _CSR(ctypes.Structure):
@@ -97,7 +98,7 @@ class SparseDeltaKernel:
                     or d.val.dtype not in (torch.float32, torch.bfloat16) or d.val.device.type != "cpu"):
                 raise ValueError("the kernel takes sparse deltas on CPU with int32 rows, int32 or int16 columns and "
                                  "fp32 or bf16 values")
-            if d.col.dtype == torch.int16 and d_in > 32768:
+            if d.col.dtype == torch.int16 and d_in > COL16_MAX:
                 raise ValueError(f"int16 columns for {d_in} columns")
         table = (_CSR * len(deltas))(*[_CSR(d.crow.data_ptr(), d.col.data_ptr(), d.val.data_ptr(),
                                             int(d.val.dtype == torch.bfloat16) | 2 * int(d.col.dtype == torch.int16))

@@ -242,13 +242,17 @@ void jumplora_sparse_delta_add(const csr_t *adapters, int64_t n_adapters, int64_
 #pragma omp parallel num_threads(n_threads)
   {
     /* First the blocks' inputs are interleaved, (d_in, W) each, padding lanes zero; the threads split the
-     * columns. */
+     * columns. Which blocks need it is found once, not once a column. */
+    char packs[n_blocks > 0 ? n_blocks : 1];
+    for (int64_t b = 0; b < n_blocks; b++)
+      packs[b] = width_of(block_start[b + 1] - block_start[b]) > 1 &&
+                 interleaved(entry_mask, entry_start[b], entry_start[b + 1]);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < d_in; c++) {
       int64_t lanes = 0;
       for (int64_t b = 0; b < n_blocks; b++) {
         const int32_t r0 = block_start[b], nr = block_start[b + 1] - r0, width = width_of(nr);
-        if (width > 1 && interleaved(entry_mask, entry_start[b], entry_start[b + 1])) {
+        if (packs[b]) {
           float *dst = xp + lanes * d_in + c * width;
           for (int k = 0; k < nr; k++) dst[k] = x[(int64_t)rows[r0 + k] * xs + c];
           for (int k = nr; k < width; k++) dst[k] = 0.f;
