@@ -9,10 +9,11 @@ adapters are immutable and shared by every state and route that holds them.
 Representation. An adapter holds, per projection group (the layers of a block that share their input, such as
 q/k/v: ``server/runner.py``), one ``GroupDelta``: the group's layers' rows one after the other, (Σ d_out, d_in),
 in one of three forms, chosen when it is loaded:
-  * sparse (CSR; on CPU int16 columns and fp32 values, elsewhere int32 columns and bf16 values as stored:
-    ``served_form``) up to ``DENSE_ABOVE`` density. On CPU in fp32 these go through the compiled kernel of
-    ``server/sparse_kernel.py`` (positions in blocks of up to 32 with similar routes, each adapter's delta read once
-    per block that holds it); on CUDA through the Triton kernel of
+  * sparse (CSR; on CPU int16 columns and fp32 values, rows padded to a multiple of 4 non-zeros and stored by
+    length within chunks of 64 rows, ``perm`` giving their output rows; elsewhere int32 columns and bf16 values
+    as stored, rows in order: ``served_form``) up to ``DENSE_ABOVE`` density. On CPU in fp32 these go through
+    the compiled kernel of ``server/sparse_kernel.py`` (positions in blocks of up to 32 with similar routes, each
+    adapter's delta read once per block that holds it); on CUDA through the Triton kernel of
     ``server/triton_delta.py`` (every sparse adapter of a group in one launch); elsewhere through torch's CSR
     product, per adapter.
   * dense above that (one oneDNN product per adapter over its positions): ``@stack`` sums of many tasks.
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from adapters_store import LowRankDelta, SparseDelta
 
 from .kernels import Linear
-from .sparse_kernel import COL16_MAX, SparseDeltaKernel
+from .sparse_kernel import COL16_MAX, SparseDeltaKernel, kernel_rows
 
 BASE = "@base"
 STACK = "@stack"
@@ -53,12 +54,13 @@ class GroupDelta:
 
     shape: tuple[int, int]
     nnz: int
-    crow: torch.Tensor | None = None  # (Σ d_out + 1,) int32   } sparse
-    col: torch.Tensor | None = None  # (nnz,) int16 or int32     } (served_form)
-    val: torch.Tensor | None = None  # (nnz,) fp32 or bf16       }
+    crow: torch.Tensor | None = None  # (Σ d_out + 1,) int32   } sparse (served_form): the stored rows, on CPU
+    col: torch.Tensor | None = None  # (nnz',) int16 or int32    } padded with zeros and reordered for the kernel
+    val: torch.Tensor | None = None  # (nnz',) fp32 or bf16      } (nnz' ≥ nnz), stored row o being output row
+    perm: torch.Tensor | None = None  # (Σ d_out,) int32         } perm[o]; perm None: rows in order, no padding
     dense: torch.Tensor | None = None  # (Σ d_out, d_in) fp32; its product is packed on first use
     lowrank: tuple[torch.Tensor, torch.Tensor] | None = None  # A (R, d_in), B (Σ d_out, R) with the scale in B
-    _lazy: dict = field(default_factory=dict, repr=False)  # torch's fp32 CSR, the dense product: made on first use
+    _lazy: dict = field(default_factory=dict, repr=False)  # torch's CSR, perm's inverse, the dense product: lazily
 
     @property
     def kind(self) -> str:
@@ -68,10 +70,8 @@ class GroupDelta:
         """Δ·x for positions x (N, d_in): (N, Σ d_out) fp32."""
         xf = x.float()
         if self.kind == "sparse":
-            if "csr" not in self._lazy:
-                self._lazy["csr"] = torch.sparse_csr_tensor(self.crow, self.col.int(), self.val.float(), self.shape,
-                                                            check_invariants=False)
-            return torch.sparse.mm(self._lazy["csr"], xf.T).T
+            out = torch.sparse.mm(self._csr(), xf.T).T  # (N, Σ d_out), the stored rows' order
+            return out if self.perm is None else out.index_select(1, self._lazy["inverse"])
         if self.kind == "dense":
             if "product" not in self._lazy:
                 self._lazy["product"] = Linear([self.dense])
@@ -79,10 +79,42 @@ class GroupDelta:
         a, b = self.lowrank
         return F.linear(F.linear(xf, a), b)
 
+    def _csr(self) -> torch.Tensor:
+        """torch's fp32 CSR of the stored rows, and the inverse of ``perm`` (the stored row of each output row)."""
+        if "csr" not in self._lazy:
+            self._lazy["csr"] = torch.sparse_csr_tensor(self.crow, self.col.int(), self.val.float(), self.shape,
+                                                        check_invariants=False)
+            if self.perm is not None:
+                self._lazy["inverse"] = torch.argsort(self.perm.long())
+        return self._lazy["csr"]
+
+    def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A sparse delta's non-zero entries in numpy, in the stored order, without the padding: rows (int64),
+        columns (int64), values (fp32)."""
+        crow = self.crow.cpu().numpy()
+        rows = np.arange(self.shape[0]) if self.perm is None else self.perm.cpu().numpy().astype(np.int64)
+        rows = np.repeat(rows, np.diff(crow))
+        col, val = self.col.cpu().numpy().astype(np.int64), self.val.cpu().float().numpy()
+        keep = val != 0
+        return rows[keep], col[keep], val[keep]
+
+    def in_order(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A sparse delta's CSR with its rows in order and no padding, on its device: crow (Σ d_out + 1,) int32,
+        col and val in their dtypes."""
+        if self.perm is None:
+            return self.crow, self.col, self.val
+        rows, col, _ = self.entries()
+        keep = np.flatnonzero(self.val.cpu().float().numpy() != 0)  # (the entries' places in col and val)
+        order = keep[np.argsort(rows * self.shape[1] + col, kind="stable")]  # rows ascend, columns within a row
+        crow = np.zeros(self.shape[0] + 1, dtype=np.int32)
+        np.cumsum(np.bincount(rows, minlength=self.shape[0]), out=crow[1:])
+        index = torch.from_numpy(order).to(self.col.device)
+        return torch.from_numpy(crow).to(self.crow.device), self.col[index], self.val[index]
+
     def to_dense(self) -> torch.Tensor:
         if self.kind == "sparse":
-            return torch.sparse_csr_tensor(self.crow, self.col.int(), self.val.float(), self.shape,
-                                           check_invariants=False).to_dense()
+            crow, col, val = self.in_order()
+            return torch.sparse_csr_tensor(crow, col.int(), val.float(), self.shape, check_invariants=False).to_dense()
         if self.kind == "dense":
             return self.dense
         a, b = self.lowrank
@@ -91,7 +123,8 @@ class GroupDelta:
     @property
     def nbytes(self) -> int:
         if self.kind == "sparse":
-            return sum(t.numel() * t.element_size() for t in (self.crow, self.col, self.val))
+            return sum(t.numel() * t.element_size() for t in (self.crow, self.col, self.val, self.perm)
+                       if t is not None)
         if self.kind == "dense":
             return 2 * self.dense.numel() * self.dense.element_size()  # the weight and its packed copy
         return sum(t.numel() * t.element_size() for t in self.lowrank)
@@ -134,18 +167,24 @@ def group_delta(parts: dict[str, Stored], group: Group, device=None, dense_above
             vals.append(p.values)
     crow = torch.zeros(d_out + 1, dtype=torch.int64)
     crow[1:] = torch.cumsum(torch.bincount(torch.cat(rows), minlength=d_out), 0)
-    col, val = served_form(torch.cat(cols), torch.cat(vals), d_in, device)
-    return GroupDelta(shape=(d_out, d_in), nnz=nnz, crow=crow.to(torch.int32).to(device), col=col, val=val)
+    served = served_form(crow, torch.cat(cols), torch.cat(vals), d_in, device)
+    return GroupDelta(shape=(d_out, d_in), nnz=nnz, **served)
 
 
-def served_form(col: torch.Tensor, val: torch.Tensor, d_in: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A sparse delta's columns and values as they are served: on CPU int16 columns (where d_in allows) and fp32
-    values, 6 bytes a non-zero as stored (int32 positions, bf16 values), and the values exactly as stored; the
-    kernel's inner loop then reads a value with one broadcast instead of widening it. Elsewhere int32 columns and
-    the values as stored (bf16 if all are), which the Triton kernel widens itself."""
+def served_form(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, d_in: int, device=None) -> dict:
+    """A sparse delta's CSR (crow (R + 1,), col and val (nnz,), rows in order) as it is served, GroupDelta's
+    fields. On CPU for the compiled kernel: int16 columns (where d_in allows) and fp32 values, exactly as stored
+    (the inner loop reads a value with one broadcast instead of widening it), each row padded to a multiple of 4
+    and the rows sorted by length within chunks of 64 (``sparse_kernel.kernel_rows``): 6 bytes a stored
+    non-zero as stored (int32 positions, bf16 values), about 8 % more of them, and 4 bytes a row for ``perm``.
+    Elsewhere the rows in order, int32 columns and the values as stored (bf16 if all are), which the Triton
+    kernel widens itself."""
     if device is None or torch.device(device).type == "cpu":
-        return (col.to(torch.int16) if d_in <= COL16_MAX else col.to(torch.int32)), val.float()
-    return col.to(torch.int32).to(device), (val if val.dtype == torch.bfloat16 else val.float()).to(device)
+        col = col.to(torch.int16) if d_in <= COL16_MAX else col.to(torch.int32)
+        crow, col, val, perm = kernel_rows(crow, col, val.float())
+        return {"crow": crow, "col": col, "val": val, "perm": perm}
+    return {"crow": crow.to(torch.int32).to(device), "col": col.to(torch.int32).to(device),
+            "val": (val if val.dtype == torch.bfloat16 else val.float()).to(device)}
 
 
 @dataclass(frozen=True, eq=False)
@@ -200,9 +239,8 @@ def make_stack(sums: dict[tuple[str, ...], np.ndarray], weights: dict[str, torch
             groups[layers] = GroupDelta(shape=total.shape, nnz=nnz, dense=torch.from_numpy(total.copy()).to(device))
         else:
             csr = torch.from_numpy(total.copy()).to_sparse_csr()
-            col, val = served_form(csr.col_indices(), csr.values(), total.shape[1], device)
-            groups[layers] = GroupDelta(shape=total.shape, nnz=nnz, crow=csr.crow_indices().to(torch.int32).to(device),
-                                        col=col, val=val)
+            groups[layers] = GroupDelta(shape=total.shape, nnz=nnz, **served_form(
+                csr.crow_indices(), csr.col_indices(), csr.values(), total.shape[1], device))
         start = 0
         for name, width in zip(layers, widths[layers]):
             w, part = weights[name].detach(), total[start:start + width]

@@ -69,10 +69,8 @@ def _entries(delta: GroupDelta) -> tuple[np.ndarray, np.ndarray]:
     """A served group delta's non-zero entries: flat positions in (Σ d_out·d_in) (int64) and fp32 values, in
     numpy (the rebuild after a deletion runs this for every served adapter)."""
     if delta.kind == "sparse":
-        d_out, d_in = delta.shape
-        crow = delta.crow.cpu().numpy()
-        rows = np.repeat(np.arange(d_out, dtype=np.int64), np.diff(crow))
-        return rows * d_in + delta.col.cpu().numpy(), delta.val.cpu().float().numpy()
+        rows, col, val = delta.entries()
+        return rows * delta.shape[1] + col, val
     dense = delta.to_dense().cpu().reshape(-1).numpy()
     positions = np.flatnonzero(dense)
     return positions, dense[positions].astype(np.float32)

@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -31,9 +32,45 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 COL16_MAX = 32768  # the most columns a delta may have with int16 column indices (read as unsigned 16 bits)
 
 
+ROW_PAD = 4  # a stored row's non-zeros: padded with zeros to a multiple of this (the inner loop's unrolling)
+ROW_CHUNK = 64  # stored rows sorted by their padded length within chunks of this many rows (``kernel_rows``)
+
+
 class _CSR(ctypes.Structure):
     _fields_ = [("crow", ctypes.c_void_p), ("col", ctypes.c_void_p), ("val", ctypes.c_void_p),
+                ("perm", ctypes.c_void_p),  # int32 output row of each stored row, or NULL: in order
                 ("kind", ctypes.c_int64)]  # 1: bf16 values (else fp32); 2: 16-bit columns (else int32)
+
+
+def kernel_rows(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, chunk: int = ROW_CHUNK,
+                pad: int = ROW_PAD) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A CSR delta (crow (R + 1,), col (nnz,), val (nnz,) of 2 or 4 bytes, on CPU) as the kernel reads it
+    fastest: each row's non-zeros padded to a multiple of ``pad`` with zero values (on the row's last column),
+    and within each chunk of ``chunk`` rows the rows stored by their padded length (then by row). The inner
+    loop's trip count then repeats from row to row and has no remainder: on the trained 8-task chain this
+    halves the time per non-zero with the delta in cache, and takes a quarter off it from memory (a branch
+    mispredicted at the end of nearly every row of ~20 non-zeros cost as much as the multiply-adds). Returns
+    (crow (R + 1,) int32, col, val in their dtypes, perm (R,) int32: stored row o holds output row perm[o], a
+    row of the same chunk). In numpy: about 0.2 ms for a q/k/v group of SmolLM2 (registering 1,000 adapters
+    builds 30,000)."""
+    starts = crow.numpy().astype(np.int64)  # (R + 1,)
+    r = starts.size - 1
+    length = np.diff(starts)  # (R,)
+    padded = -(-length // pad) * pad  # (R,)
+    perm = np.lexsort((padded, np.arange(r) // chunk))  # (R,) by chunk, then padded length (stable: then row)
+    stored_crow = np.zeros(r + 1, dtype=np.int64)
+    np.cumsum(padded[perm], out=stored_crow[1:])
+    slot_row = np.repeat(np.arange(r), padded[perm])  # (nnz',) each slot's stored row
+    begin = starts[:-1][perm]  # (R,) each stored row's first entry in the given CSR
+    last = (begin + length[perm] - 1)[slot_row]  # (nnz',) its row's last entry
+    index = np.arange(stored_crow[-1]) + (begin - stored_crow[:-1])[slot_row]  # (nnz',) the entry it holds
+    pads = index > last
+    np.minimum(index, last, out=index)  # a pad repeats its row's last entry, with a zero value
+    bits = {2: torch.int16, 4: torch.int32}[val.element_size()]  # (numpy has no bf16: the values' bits)
+    stored_val = val.view(bits).numpy()[index]
+    stored_val[pads] = 0  # +0.0 in fp32 and bf16
+    return (torch.from_numpy(stored_crow.astype(np.int32)), torch.from_numpy(col.numpy()[index]),
+            torch.from_numpy(stored_val).view(val.dtype), torch.from_numpy(perm.astype(np.int32)))
 
 
 @dataclass
@@ -81,14 +118,15 @@ class SparseDeltaKernel:
         self._fn.restype = None
         ptr, i64 = ctypes.c_void_p, ctypes.c_int64
         # adapters, n_adapters, n_blocks, block_start, rows, entry_start, entry_adapter, entry_mask, d_in, d_out,
-        # x, xs, y, ys, xp, yp, n_threads
-        self._fn.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, ptr, i64, ptr, ptr,
+        # chunk, x, xs, y, ys, xp, yp, n_threads
+        self._fn.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr,
                              ctypes.c_int32]
 
     @staticmethod
     def prepare(deltas: list) -> Prepared:
         """The per-group part, which depends on the adapters alone: ``deltas`` (T,) sparse GroupDeltas with
-        int32 rows, int32 or int16 columns (read as unsigned 16 bits) and fp32 or bf16 values on CPU, one shape."""
+        int32 rows, int32 or int16 columns (read as unsigned 16 bits) and fp32 or bf16 values on CPU, one shape;
+        their rows stored in order (``perm`` None) or as ``kernel_rows`` stores them."""
         shapes = {d.shape for d in deltas}
         if len(shapes) != 1:
             raise ValueError(f"deltas of different shapes {sorted(shapes)}")
@@ -100,7 +138,12 @@ class SparseDeltaKernel:
                                  "fp32 or bf16 values")
             if d.col.dtype == torch.int16 and d_in > COL16_MAX:
                 raise ValueError(f"int16 columns for {d_in} columns")
+            if d.perm is not None and (d.perm.dtype != torch.int32 or d.perm.shape != (d_out,) or not torch.equal(
+                    d.perm // ROW_CHUNK, torch.arange(d_out, dtype=torch.int32) // ROW_CHUNK)):
+                raise ValueError(f"perm must be int32 (d_out,), each stored row's output row in its chunk of "
+                                 f"{ROW_CHUNK} rows (kernel_rows)")
         table = (_CSR * len(deltas))(*[_CSR(d.crow.data_ptr(), d.col.data_ptr(), d.val.data_ptr(),
+                                            d.perm.data_ptr() if d.perm is not None else None,
                                             int(d.val.dtype == torch.bfloat16) | 2 * int(d.col.dtype == torch.int16))
                                        for d in deltas])
         return Prepared(list(deltas), table, d_in, d_out)
@@ -175,8 +218,8 @@ class SparseDeltaKernel:
             return
         self._fn(ctypes.addressof(group.table), len(group.deltas), at.block_start.numel() - 1,
                  at.block_start.data_ptr(), at.rows.data_ptr(), at.entry_start.data_ptr(), at.entry_adapter.data_ptr(),
-                 at.entry_mask.data_ptr(), group.d_in, group.d_out, x.data_ptr(), x.stride(0), y.data_ptr(),
-                 y.stride(0), scratch.data_ptr(), scratch.data_ptr() + 4 * at.lanes * group.d_in,
+                 at.entry_mask.data_ptr(), group.d_in, group.d_out, ROW_CHUNK, x.data_ptr(), x.stride(0),
+                 y.data_ptr(), y.stride(0), scratch.data_ptr(), scratch.data_ptr() + 4 * at.lanes * group.d_in,
                  torch.get_num_threads())
 
 

@@ -169,13 +169,14 @@ class TritonDeltas:
                                  "columns and fp32 or bf16 values")
         (r, d_in), device = shapes.pop(), devices.pop()
         dtype = torch.bfloat16 if all(d.val.dtype == torch.bfloat16 for d in deltas) else torch.float32
-        counts = torch.tensor([0] + [d.col.numel() for d in deltas[:-1]], dtype=torch.int64)  # (col: (nnz,))
+        csrs = [d.in_order() for d in deltas]  # (crow, col, val): the CPU's served form has its rows reordered
+        counts = torch.tensor([0] + [c.numel() for _, c, _ in csrs[:-1]], dtype=torch.int64)  # (col: (nnz,))
         offsets = torch.cumsum(counts, 0).to(device)  # (T,) where each adapter's non-zeros begin
-        crow = torch.stack([d.crow.to(torch.int64) for d in deltas]) + offsets[:, None]  # (T, R + 1)
+        crow = torch.stack([r.to(torch.int64) for r, _, _ in csrs]) + offsets[:, None]  # (T, R + 1)
         spare_col = torch.zeros(1, dtype=torch.int32, device=device)
         spare_val = torch.zeros(1, dtype=dtype, device=device)
-        col = torch.cat([*(d.col.to(torch.int32) for d in deltas), spare_col])  # (Σ nnz + 1,)
-        val = torch.cat([*(d.val.to(dtype) for d in deltas), spare_val])  # (Σ nnz + 1,)
+        col = torch.cat([*(c.to(torch.int32) for _, c, _ in csrs), spare_col])  # (Σ nnz + 1,)
+        val = torch.cat([*(v.to(dtype) for _, _, v in csrs), spare_val])  # (Σ nnz + 1,)
         return DeltaTable(list(deltas), crow.contiguous(), col, val, (r, d_in), col.numel() - 1)
 
     @staticmethod

@@ -11,22 +11,29 @@
  * at the end of the block. An entry of a single row takes the row's input straight from x instead (with a
  * gather on AVX-512): a W-lane multiply-add for one row would waste the other lanes.
  *
- * Each entry runs over its output rows on its own (not all entries per output row): the delta is then read as
- * one sequential stream, and the value and column types are dispatched once an entry. The threads split the
- * output rows so that each has about the same number of non-zeros (q and v adapted, k not: an even split of
- * the rows is not one of the work). Figures: server/sparse_kernel.py. Tried and left out, measured on the
- * 8-task chain: software prefetching of the non-zeros 512 to 8192 entries ahead (within the run-to-run noise),
- * and bf16 values with 16-bit columns (4 bytes a non-zero instead of 6: no faster, the widening costs what the
- * bytes save). */
+ * Each entry runs over its stored rows on its own (not all entries per output row): the delta is then read as
+ * one sequential stream, and the value and column types are dispatched once an entry. As served (made by
+ * sparse_kernel.py's ``kernel_rows``) a delta's rows hold multiples of 4 non-zeros (zero values pad them), and
+ * within each chunk of 64 rows they are stored by length, perm giving each stored row's output row: the inner
+ * loop then has no remainder and its trip count repeats from row to row, where a row of ~20 non-zeros used to
+ * end with a mispredicted branch or two. The threads split the output rows at whole chunks (a stored row
+ * writes an output row of its own chunk), so that each has about the same number of non-zeros (q and v
+ * adapted, k not: an even split of the rows is not one of the work). Figures: server/sparse_kernel.py. Tried
+ * and left out, measured on the 8-task chain: software prefetching of the non-zeros 512 to 8192 entries ahead
+ * (within the run-to-run noise, before and after the padding), bf16 values with 16-bit columns (4 bytes a
+ * non-zero instead of 6: no faster, the widening costs what the bytes save), rows padded to 8 with the loop
+ * unrolled 8 times, and the column and value of a non-zero side by side in one stream (neither faster). */
 #include <omp.h>
 #include <stdint.h>
 
 typedef struct {
-  const int32_t *crow; /* (d_out + 1,) */
+  const int32_t *crow; /* (d_out + 1,) the stored rows' non-zeros */
   const void *col;     /* (nnz,) int32, or uint16 when kind has COL16 */
   const void *val;     /* (nnz,) fp32, or bf16 as uint16 when kind has BF16 */
+  const int32_t *perm; /* (d_out,) stored row o is output row perm[o], a row of o's chunk; NULL: perm[o] = o */
   int64_t kind;        /* BF16 | COL16 */
 } csr_t;
+#define OUT(a, o) ((a)->perm ? (int64_t)(a)->perm[o] : (o))
 #define BF16 1
 #define COL16 2
 
@@ -41,8 +48,8 @@ static inline float bf16_to_f32(uint16_t h) {
 #define COL_I32(c, j) ((int64_t)((const int32_t *)(c))[j])
 #define COL_U16(c, j) ((int64_t)((const uint16_t *)(c))[j])
 
-/* One entry over lanes [lo, lo + V) of a block of 2^sh lanes: yp[o, lo + k] += Σ_j val[j] · p[col[j], lo + k]
- * over the non-zeros j of every output row o in [o0, o1), the V lanes at once (GCC/Clang vector extensions: SSE,
+/* One entry over lanes [lo, lo + V) of a block of 2^sh lanes: yp[perm[o], lo + k] += Σ_j val[j] · p[col[j], lo + k]
+ * over the non-zeros j of every stored row o in [o0, o1), the V lanes at once (GCC/Clang vector extensions: SSE,
  * AVX or NEON on any target; V = 32 is two AVX-512 vectors), the lanes outside mask m cleared bitwise (whatever
  * they hold stays out). p: (d_in, 2^sh) and yp: (d_out, 2^sh). Four partial sums: with one chain of dependent
  * multiply-adds the loop is bound by the FMA latency. One copy per width, value and column type. */
@@ -70,7 +77,7 @@ static inline float bf16_to_f32(uint16_t h) {
       }                                                                                                \
       for (; j < e; j++) s0 += VAL(val, j) * *(const VT *)(p + (COL(col, j) << sh));                   \
       const VT s = (s0 + s1) + (s2 + s3);                                                              \
-      VT *out = (VT *)(yp + (o << sh) + lo);                                                           \
+      VT *out = (VT *)(yp + (OUT(a, o) << sh) + lo);                                                   \
       *out += whole ? s : (VT)((VI)s & keep);                                                          \
     }                                                                                                  \
   }
@@ -148,12 +155,12 @@ DOT1(dot1_f32_u16, LOADV_F32, LOADC_U16)
 DOT1(dot1_bf16_u16, LOADV_BF16, LOADC_U16)
 #endif
 
-/* An entry of one row: y[o] += that sum for every output row o in [o0, o1), the row's output y contiguous. */
+/* An entry of one row: y[perm[o]] += that sum for every stored row o in [o0, o1), the row's output y contiguous. */
 #define ROW(NAME, DOT)                                                                                 \
   static void NAME(const csr_t *a, int64_t o0, int64_t o1, const float *restrict xr, float *restrict y) { \
     const int32_t *restrict crow = a->crow;                                                            \
     for (int64_t o = o0; o < o1; o++)                                                                  \
-      if (crow[o] != crow[o + 1]) y[o] += DOT(a->col, a->val, crow[o], crow[o + 1], xr);              \
+      if (crow[o] != crow[o + 1]) y[OUT(a, o)] += DOT(a->col, a->val, crow[o], crow[o + 1], xr);      \
   }
 ROW(row_f32_i32, dot1_f32_i32)
 ROW(row_bf16_i32, dot1_bf16_i32)
@@ -182,9 +189,10 @@ static int interleaved(const uint32_t *ent_mask, int32_t e0, int32_t e1) {
   return 0;
 }
 
-/* Output rows [o0, o1) of one block of nr rows (xk[k], yk[k]: row k's input and output), its n_ent entries;
- * p: its interleaved inputs (d_in, width); yp: its (d_out, width) sums. An entry of several rows runs over the
- * narrowest aligned window of lanes that holds them (a chain's later adapters serve the block's last rows). */
+/* Output rows [o0, o1) (whole chunks: also the stored rows that write them) of one block of nr rows (xk[k],
+ * yk[k]: row k's input and output), its n_ent entries; p: its interleaved inputs (d_in, width); yp: its
+ * (d_out, width) sums. An entry of several rows runs over the narrowest aligned window of lanes that holds them
+ * (a chain's later adapters serve the block's last rows). */
 static void run_block(const csr_t *adapters, const int32_t *ent_adapter, const uint32_t *ent_mask, int32_t n_ent,
                       int64_t o0, int64_t o1, int nr, int width, const float *p, const float *const *xk,
                       float *const *yk, float *yp) {
@@ -211,34 +219,37 @@ static void run_block(const csr_t *adapters, const int32_t *ent_adapter, const u
 }
 
 /* The first output row of thread id of nt: the rows split so that each thread has about as many non-zeros
- * of all adapters (and rows, each of which costs a little) as the others. */
-static int64_t split(const csr_t *adapters, int64_t n_adapters, int64_t d_out, int64_t id, int64_t nt) {
+ * of all adapters (and rows, each of which costs a little) as the others, at a multiple of chunk (a stored row
+ * writes an output row of its chunk: a thread that holds whole chunks writes only its own rows). */
+static int64_t split(const csr_t *adapters, int64_t n_adapters, int64_t d_out, int64_t chunk, int64_t id,
+                     int64_t nt) {
   if (id <= 0) return 0;
   if (id >= nt) return d_out;
   int64_t total = d_out;
   for (int64_t t = 0; t < n_adapters; t++) total += adapters[t].crow[d_out];
   const int64_t goal = total * id / nt;
-  int64_t lo = 0, hi = d_out; /* the first o whose work before it reaches the goal */
+  int64_t lo = 0, hi = (d_out + chunk - 1) / chunk; /* the first chunk c whose work before it reaches the goal */
   while (lo < hi) {
-    const int64_t mid = (lo + hi) / 2;
-    int64_t before = mid;
-    for (int64_t t = 0; t < n_adapters; t++) before += adapters[t].crow[mid];
+    const int64_t mid = (lo + hi) / 2, at = mid * chunk < d_out ? mid * chunk : d_out;
+    int64_t before = at;
+    for (int64_t t = 0; t < n_adapters; t++) before += adapters[t].crow[at];
     if (before < goal) lo = mid + 1;
     else hi = mid;
   }
-  return lo;
+  return lo * chunk < d_out ? lo * chunk : d_out;
 }
 
 /* adapters: (n_adapters,) CSR deltas of shape (d_out, d_in). Block b holds rows[block_start[b]:block_start[b+1]]
  * (at most 32; a row of x and y in one block at most) and the entries entry_start[b]:entry_start[b+1]: adapter
  * entry_adapter[i] for the block's rows in bit mask entry_mask[i] (bit k: the block's k-th row).
  * x: (n, xs) fp32, a row's input in its first d_in entries; y: (n, ys) fp32, its output in the first d_out.
- * xp: scratch of Σ_b width(b) · d_in floats; yp: of Σ_b width(b) · d_out floats. */
+ * xp: scratch of Σ_b width(b) · d_in floats; yp: of Σ_b width(b) · d_out floats. chunk: the adapters' stored
+ * rows write output rows of their own chunk of that many rows (csr_t.perm; 1 for none). */
 void jumplora_sparse_delta_add(const csr_t *adapters, int64_t n_adapters, int64_t n_blocks,
                                const int32_t *block_start, const int32_t *rows, const int32_t *entry_start,
                                const int32_t *entry_adapter, const uint32_t *entry_mask, int64_t d_in,
-                               int64_t d_out, const float *x, int64_t xs, float *y, int64_t ys, float *xp,
-                               float *yp, int32_t n_threads) {
+                               int64_t d_out, int64_t chunk, const float *x, int64_t xs, float *y, int64_t ys,
+                               float *xp, float *yp, int32_t n_threads) {
 #pragma omp parallel num_threads(n_threads)
   {
     /* First the blocks' inputs are interleaved, (d_in, W) each, padding lanes zero; the threads split the
@@ -261,7 +272,8 @@ void jumplora_sparse_delta_add(const csr_t *adapters, int64_t n_adapters, int64_
       }
     } /* (the implied barrier: every block is packed before any is read) */
     const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
-    const int64_t o0 = split(adapters, n_adapters, d_out, id, nt), o1 = split(adapters, n_adapters, d_out, id + 1, nt);
+    const int64_t o0 = split(adapters, n_adapters, d_out, chunk, id, nt);
+    const int64_t o1 = split(adapters, n_adapters, d_out, chunk, id + 1, nt);
     int64_t lanes = 0;
     for (int64_t b = 0; b < n_blocks && o0 < o1; b++) {
       const int32_t r0 = block_start[b], nr = block_start[b + 1] - r0, width = width_of(nr);

@@ -26,9 +26,15 @@ def test_representations_and_routes_are_as_intended(bank):
     kinds = [state.route(n)[-1].groups[qkv].kind for n in ("sparse-a", "dense-b", "lowrank-c", STACK)]
     assert kinds == ["sparse", "dense", "lowrank", "dense"]
     served = state.route("sparse-a")[0].groups[qkv]
-    # served compact: int16 columns and the stored bf16 values widened to fp32, 6 bytes a non-zero as stored
+    # served compact: int16 columns and the stored bf16 values widened to fp32, 6 bytes a stored non-zero as
+    # stored; the rows padded to a multiple of 4 and sorted by length within chunks of 64 (perm: their output rows)
     assert served.col.dtype == torch.int16 and served.val.dtype == torch.float32
-    assert torch.equal(served.val, served.val.bfloat16().float()) and served.nbytes == 6 * served.nnz + 4 * (128 + 1)
+    assert torch.equal(served.val, served.val.bfloat16().float())
+    assert served.nbytes == 6 * served.col.numel() + 4 * (128 + 1) + 4 * 128
+    lengths = served.crow[1:] - served.crow[:-1]
+    assert bool((lengths % 4 == 0).all()) and int((served.val != 0).sum()) == served.nnz
+    assert all(sorted(served.perm[c:c + 64].tolist()) == list(range(c, c + 64)) for c in (0, 64))
+    assert all(bool((lengths[c:c + 64].diff() >= 0).all()) for c in (0, 64))
     assert "model.layers.0.self_attn.q_proj" in state.stack.merged
     # a task trained on another: both deltas, the parent's the very adapter its own route serves
     assert [a.name for a in state.route("chain-d")] == ["sparse-a", "chain-d"]

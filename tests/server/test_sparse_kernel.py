@@ -1,6 +1,7 @@
 """The compiled sparse-delta kernel: every row gets the deltas of its adapters (one or several: a route), whatever
-the number of rows per adapter (rows go in blocks of up to 16), the row order, the strides of x and y, the values'
-dtype (fp32, bf16), the columns' (int32, int16) and empty deltas; rows are laid out so that a chain's routes share
+the number of rows per adapter (rows go in blocks of up to 32), the row order, the strides of x and y, the values'
+dtype (fp32, bf16), the columns' (int32, int16), the stored rows' order (padded and reordered, or in order), the
+number of threads, and empty deltas; rows are laid out so that a chain's routes share
 blocks; the build is cached, and a missing or failing compiler leaves the engine on torch's products with a logged
 reason."""
 from __future__ import annotations
@@ -75,6 +76,50 @@ def test_each_row_gets_its_adapters_deltas(any_kernel, counts, shared, form):
     assert torch.allclose(y_full, expected, atol=1e-4), float((y_full - expected).abs().max())
 
 
+def test_stored_rows_padded_and_reordered_keep_the_product():
+    """``kernel_rows``: every row padded to a multiple of 4 with zeros, rows ordered by padded length within
+    chunks of 64 (the last one partial), perm mapping each stored row to its output row in its own chunk; the
+    rows in order again (``in_order``) are the delta as given, and torch's product of the stored form agrees."""
+    g = torch.Generator().manual_seed(11)
+    delta, dense = _delta(150, 30, 0.15, g)
+    lengths = delta.crow[1:] - delta.crow[:-1]
+    assert bool((lengths % 4 == 0).all()) and delta.perm.dtype == torch.int32
+    assert delta.col.numel() == int(lengths.sum()) > delta.nnz == int((delta.val != 0).sum())
+    for c in range(0, 150, 64):
+        assert sorted(delta.perm[c:c + 64].tolist()) == list(range(c, min(c + 64, 150)))
+        assert bool((lengths[c:c + 64].diff() >= 0).all())
+    crow, col, val = delta.in_order()
+    assert crow[-1] == delta.nnz and torch.equal(delta.to_dense(), dense)
+    assert torch.equal(torch.sparse_csr_tensor(crow, col.int(), val, (150, 30)).to_dense(), dense)
+    x = torch.randn(5, 30, generator=g)
+    assert torch.allclose(delta.apply(x), x @ dense.T, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("stored", ["kernel", "in-order"])
+def test_threads_split_the_rows_at_whole_chunks(any_kernel, stored, threads):
+    """The threads split the output rows at multiples of 64: each holds whole chunks, so that a stored row's
+    output row (perm) is its own thread's. Rows in order (perm None, no padding) are served as well."""
+    g = torch.Generator().manual_seed(13 + threads)
+    made = [_delta(200, 48, 0.2, g, form) for form in ("f32-i16", "bf16-i32", "f32-i32")]
+    if stored == "in-order":
+        made = [(dataclasses.replace(d, **dict(zip(("crow", "col", "val"), d.in_order())), perm=None), dense)
+                for d, dense in made]
+    starts, rows = [0, 9, 13, 14], [*range(9), *range(5, 9), 3]  # rows 5..8 take adapters 0 and 1
+    x, y = torch.randn(9, 48, generator=g), torch.randn(9, 200, generator=g)
+    expected = y.clone()
+    for t, (_, dense) in enumerate(made):
+        for r in rows[starts[t]:starts[t + 1]]:
+            expected[r] += dense @ x[r]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        any_kernel.add(any_kernel.prepare([d for d, _ in made]), starts, rows, x, y)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.allclose(y, expected, atol=1e-4), float((y - expected).abs().max())
+
+
 def test_a_row_outside_an_entry_never_reaches_its_sums(any_kernel):
     """A block computes an entry's sums for all its lanes and clears those of rows outside the entry: an input
     that is not finite in such a row stays out of the others' outputs."""
@@ -132,6 +177,9 @@ def test_empty_deltas_and_wrong_inputs_are_refused_or_harmless(sparse_kernel):
         sparse_kernel.prepare([wide])
     with pytest.raises(ValueError, match="shapes"):
         sparse_kernel.prepare([empty, _delta(7, 5, 0.5, g)[0]])
+    tall, _ = _delta(130, 5, 0.5, g)
+    with pytest.raises(ValueError, match="perm"):  # a stored row's output row outside its chunk
+        sparse_kernel.prepare([dataclasses.replace(tall, perm=tall.perm.flip(0))])
 
 
 def test_the_build_is_cached_per_source_and_machine(tmp_path):
