@@ -90,7 +90,8 @@ def test_stored_rows_padded_and_reordered_keep_the_product():
         assert bool((lengths[c:c + 64].diff() >= 0).all())
     crow, col, val = delta.in_order()
     assert crow[-1] == delta.nnz and torch.equal(delta.to_dense(), dense)
-    assert torch.equal(torch.sparse_csr_tensor(crow, col.int(), val, (150, 30)).to_dense(), dense)
+    in_order = torch.sparse_csr_tensor(crow, col.int(), val, (150, 30), check_invariants=False)
+    assert torch.equal(in_order.to_dense(), dense)
     x = torch.randn(5, 30, generator=g)
     assert torch.allclose(delta.apply(x), x @ dense.T, atol=1e-5)
 
