@@ -3,11 +3,12 @@ system C compiler into the cache folder, loaded with ctypes. Without a compiler 
 fails) the engine uses torch's sparse products instead, with the same results; ``load`` says why in the log.
 
 A batch's rows go in blocks of up to 32 (``layout``), rows with the same or similar routes side by side; each
-block reads every delta it needs once, for all its rows. ``python -m benchmarks.chain_kernel`` times the kernel
-alone on the trained 8-task chain, with the caches flushed between calls as a decode step leaves them (2-core
-Xeon, AVX-512; µs per q/k/v group, median of 6 passes over the 30 layers): 60 at 1 row (one adapter), 190 at 8
-rows, 214 at 16 and 274 at 32 (rows on every route of the chain: all 8 deltas read). README, Benchmarks, has
-the whole decode step and the serving figures."""
+block reads every delta it needs once, for all its rows. A delta is served with its rows padded and ordered for
+the inner loop (``kernel_rows``). ``python -m benchmarks.chain_kernel`` times the kernel alone on the trained
+8-task chain, with the caches flushed between calls as a decode step leaves them (2-core Xeon, AVX-512; µs per
+q/k/v group, median of 6 passes over the 30 layers; two runs): 37–43 at 1 row (one adapter), 134–148 at 8 rows,
+119–145 at 16 and 183–213 at 32 (rows on every route of the chain: all 8 deltas read). Before the padded rows:
+60, 187–190, 194–214 and 263–274. README, Benchmarks, has the whole decode step and the serving figures."""
 from __future__ import annotations
 
 import ctypes
