@@ -88,23 +88,27 @@ class GroupDelta:
                 self._lazy["inverse"] = torch.argsort(self.perm.long())
         return self._lazy["csr"]
 
+    def _stored_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each stored entry's output row (int64), the places of the entries that are not padding, and every
+        stored value (fp32)."""
+        rows = np.arange(self.shape[0]) if self.perm is None else self.perm.cpu().numpy().astype(np.int64)
+        rows = np.repeat(rows, np.diff(self.crow.cpu().numpy()))
+        val = self.val.cpu().float().numpy()
+        return rows, np.flatnonzero(val != 0), val
+
     def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A sparse delta's non-zero entries in numpy, in the stored order, without the padding: rows (int64),
         columns (int64), values (fp32)."""
-        crow = self.crow.cpu().numpy()
-        rows = np.arange(self.shape[0]) if self.perm is None else self.perm.cpu().numpy().astype(np.int64)
-        rows = np.repeat(rows, np.diff(crow))
-        col, val = self.col.cpu().numpy().astype(np.int64), self.val.cpu().float().numpy()
-        keep = val != 0
-        return rows[keep], col[keep], val[keep]
+        rows, keep, val = self._stored_rows()
+        return rows[keep], self.col.cpu().numpy()[keep].astype(np.int64), val[keep]
 
     def in_order(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A sparse delta's CSR with its rows in order and no padding, on its device: crow (Σ d_out + 1,) int32,
         col and val in their dtypes."""
         if self.perm is None:
             return self.crow, self.col, self.val
-        rows, col, _ = self.entries()
-        keep = np.flatnonzero(self.val.cpu().float().numpy() != 0)  # (the entries' places in col and val)
+        rows, keep, _ = self._stored_rows()
+        rows, col = rows[keep], self.col.cpu().numpy()[keep].astype(np.int64)
         order = keep[np.argsort(rows * self.shape[1] + col, kind="stable")]  # rows ascend, columns within a row
         crow = np.zeros(self.shape[0] + 1, dtype=np.int32)
         np.cumsum(np.bincount(rows, minlength=self.shape[0]), out=crow[1:])

@@ -132,6 +132,7 @@ class SparseDeltaKernel:
         if len(shapes) != 1:
             raise ValueError(f"deltas of different shapes {sorted(shapes)}")
         d_out, d_in = shapes.pop()
+        chunks = torch.arange(d_out, dtype=torch.int32) // ROW_CHUNK  # (d_out,) each row's chunk
         for d in deltas:
             if (d.kind != "sparse" or d.crow.dtype != torch.int32 or d.col.dtype not in (torch.int32, torch.int16)
                     or d.val.dtype not in (torch.float32, torch.bfloat16) or d.val.device.type != "cpu"):
@@ -139,8 +140,8 @@ class SparseDeltaKernel:
                                  "fp32 or bf16 values")
             if d.col.dtype == torch.int16 and d_in > COL16_MAX:
                 raise ValueError(f"int16 columns for {d_in} columns")
-            if d.perm is not None and (d.perm.dtype != torch.int32 or d.perm.shape != (d_out,) or not torch.equal(
-                    d.perm // ROW_CHUNK, torch.arange(d_out, dtype=torch.int32) // ROW_CHUNK)):
+            if d.perm is not None and (d.perm.dtype != torch.int32 or d.perm.shape != (d_out,)
+                                       or not torch.equal(d.perm // ROW_CHUNK, chunks)):
                 raise ValueError(f"perm must be int32 (d_out,), each stored row's output row in its chunk of "
                                  f"{ROW_CHUNK} rows (kernel_rows)")
         table = (_CSR * len(deltas))(*[_CSR(d.crow.data_ptr(), d.col.data_ptr(), d.val.data_ptr(),

@@ -21,9 +21,9 @@
  * adapted, k not: an even split of the rows is not one of the work). Figures: server/sparse_kernel.py. Tried
  * and left out, measured on the 8-task chain: software prefetching of the non-zeros 512 to 8192 entries ahead
  * in the entries of several rows (within the run-to-run noise, before and after the padding; it does help an
- * entry of one row: DOT1), bf16 values with 16-bit columns (4 bytes a
- * non-zero instead of 6: no faster, the widening costs what the bytes save), rows padded to 8 with the loop
- * unrolled 8 times, and the column and value of a non-zero side by side in one stream (neither faster). */
+ * entry of one row: DOT1), bf16 values with 16-bit columns (4 bytes a non-zero instead of 6: no faster, the
+ * widening costs what the bytes save), rows padded to 8 with the loop unrolled 8 times, and the column and value
+ * of a non-zero side by side in one stream (neither faster). */
 #include <omp.h>
 #include <stdint.h>
 
