@@ -255,12 +255,29 @@ def table(results: dict) -> str:
                      f"{math.ceil(r['tok_s_max'])} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | {step} | {r['requests']} | "
                      f"{r['repeats']} | {r['failures']} |")
     by = {(r["case"], r["concurrency"]): r["tok_s"] for r in rows}
+    paired = paired_ratios(results)
     ratios = []
     for (case, c), v in by.items():
         for other, label in (("base", "(a)"), ("hf", "HF")):
-            if case in ("tasks", "many") and (other, c) in by:
-                ratios.append(f"{NAMES[case][:3]}/{label} at {c}: {v / by[(other, c)]:.3f}")
+            if case in ("tasks", "many", "stack") and (other, c) in by:
+                line = f"{NAMES[case][:3]}/{label} at {c}: {v / by[(other, c)]:.3f}"
+                if other == "base" and (case, c) in paired:
+                    each = paired[(case, c)]
+                    line += (f" (paired: median {statistics.median(each):.3f}, repeats "
+                             + " ".join(f"{x:.3f}" for x in each) + ")")
+                ratios.append(line)
     return "\n".join(lines + ([""] + ratios if ratios else []))
+
+
+def paired_ratios(results: dict) -> dict[tuple[str, int], list[float]]:
+    """Per (case, concurrency): each repeat's tokens/s over that of ``@base`` in the same repeat (the two ran
+    minutes apart at most), in repeat order."""
+    base = {(r["concurrency"], r["repeat"]): r["tok_s"] for r in results["runs"] if r["case"] == "base"}
+    out: dict[tuple[str, int], list[float]] = {}
+    for r in results["runs"]:
+        if r["case"] not in ("base", "hf") and (r["concurrency"], r["repeat"]) in base:
+            out.setdefault((r["case"], r["concurrency"]), []).append(r["tok_s"] / base[(r["concurrency"], r["repeat"])])
+    return out
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ in one of three forms, chosen when it is loaded:
 
 One plan for every forward (``Plan``): each distinct adapter of the batch is applied once, to every position
 (decode row or prompt position) whose route holds it. A forward whose positions are all on the same ``@stack``
-runs the merged weights W + Σ instead, at exactly the cost of ``@base``.
+runs the merged weights W + Σ instead, at exactly the cost of ``@base``; given a cache of merged weights
+(``server/merged.py``: fp32 on CPU), so do the adapters that every position of a forward holds, whatever they
+are, and only the others are applied per position.
 
 A state is immutable once built; registering a task builds a new state off the engine thread and the engine
 swaps it in between two steps; a request keeps the route it was admitted with."""
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 from adapters_store import LowRankDelta, SparseDelta
 
 from .kernels import Linear
+from .merged import MergedRoutes
 from .sparse_kernel import COL16_MAX, SparseDeltaKernel, kernel_rows
 
 BASE = "@base"
@@ -114,6 +117,15 @@ class GroupDelta:
         np.cumsum(np.bincount(rows, minlength=self.shape[0]), out=crow[1:])
         index = torch.from_numpy(order).to(self.col.device)
         return torch.from_numpy(crow).to(self.crow.device), self.col[index], self.val[index]
+
+    def add_to(self, w: torch.Tensor) -> None:
+        """w (Σ d_out, d_in), on the delta's device, += Δ (summed in w's dtype; padding adds zeros)."""
+        if self.kind == "sparse":
+            rows = torch.arange(self.shape[0], device=w.device) if self.perm is None else self.perm.long()
+            rows = torch.repeat_interleave(rows, torch.diff(self.crow.long()))  # each stored entry's output row
+            w.view(-1).index_add_(0, rows * self.shape[1] + self.col.long(), self.val.to(w.dtype))
+        else:
+            w += self.to_dense().to(w.dtype)
 
     def to_dense(self) -> torch.Tensor:
         if self.kind == "sparse":
@@ -332,21 +344,29 @@ class Plan:
     call per projection group, the others (and everything elsewhere) by one product per adapter."""
 
     def __init__(self, rows: list[Route], segments: list[tuple[int, int, Route]] = (), device=None,
-                 kernel: KernelTables | SparseDeltaKernel | None = None):
+                 kernel: KernelTables | SparseDeltaKernel | None = None, merged: MergedRoutes | None = None):
         self.n = len(rows)
         if isinstance(kernel, SparseDeltaKernel):
             kernel = KernelTables(kernel)
         self.kernel = kernel
         self.device = device
         spans = [(i, i + 1, route) for i, route in enumerate(rows)] + [s for s in segments if s[2]]
-        # every position on the same @stack: its merged weights serve it at the cost of @base
-        first = spans[0][2] if spans else ()
-        self.merged = first[0] if (len(first) == 1 and first[0].merged is not None and
-                                   all(r is first or r == first for _, _, r in spans)) else None
         members: dict[int, tuple[Adapter, list[int]]] = {}  # id(adapter) -> (adapter, its positions), in order
         for begin, end, route in spans:
             for adapter in route:
                 members.setdefault(id(adapter), (adapter, []))[1].extend(range(begin, end))
+        # the adapters that every position holds run as merged weights W + Σ at the cost of @base: @stack's own;
+        # others' from the cache of merged sets, where there is one (fp32 on CPU: server/merged.py)
+        positions = self.n + sum(end - begin for begin, end, _ in segments)  # @base's included
+        common = tuple(a for a, p in members.values() if len(p) == positions)
+        self.merged = None
+        if len(common) == 1 and common[0].merged is not None:
+            self.merged = common[0]
+        elif common and merged is not None:
+            self.merged = merged.get(common)
+        if self.merged is not None:
+            for adapter in common:
+                del members[id(adapter)]
         self.members = list(members.values())
         self.adapted = set().union(*(a.groups for a, _ in self.members)) if self.members else set()
         self._groups: dict[tuple[str, ...], tuple] = {}
@@ -389,7 +409,7 @@ class Plan:
         """x: (N, d_in) -> x·Wᵀ (+ bias) + Σ over each position's route of Δ·x, for a projection group whose
         base product is ``lin``: (N, Σ d_out), the layers' outputs side by side."""
         if self.merged is not None:
-            return self.merged.merged_linear(layers, lin)(x)
+            lin = self.merged.merged_linear(layers, lin)
         y = lin(x)
         if layers not in self.adapted:
             return y

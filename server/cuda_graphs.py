@@ -25,11 +25,11 @@ SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 def graph_key(plan) -> tuple | None:
     """What a captured graph of this plan depends on: ("base",) for no delta, ("stack", id) for merged
     weights; None when the plan applies per-row deltas (not captured)."""
-    if plan is None or (plan.merged is None and not plan.members):
+    if plan is not None and plan.members:
+        return None
+    if plan is None or plan.merged is None:
         return ("base",)
-    if plan.merged is not None:
-        return ("stack", id(plan.merged))
-    return None
+    return ("stack", id(plan.merged))
 
 
 class DecodeGraphs:

@@ -17,6 +17,7 @@ from . import triton_delta
 from .sparse_kernel import SparseDeltaKernel, applies_to
 from .errors import (BadRequest, EngineError, InvalidRequest, JumploraError, NotFound, NotReady, Overloaded,
                      PayloadTooLarge)
+from .merged import MergedRoutes, merged_size
 from .metrics import Metrics
 from .runner import Chunk, ModelRunner
 from .sampling import Detokenizer, SamplingParams, make_generator, sample
@@ -130,7 +131,7 @@ class Engine:
     def __init__(self, runner: ModelRunner, tokenizer, state: BankState, metrics: Metrics, *, max_batch: int,
                  max_queue: int, max_len: int, prefill_budget: int = 512, max_prompt_tokens: int | None = None,
                  max_new_tokens: int | None = None, sparse_kernel: SparseDeltaKernel | None = None,
-                 cuda_graphs: bool = False, triton: bool = False):
+                 cuda_graphs: bool = False, triton: bool = False, merged_mb: int = 0):
         self.runner, self.tokenizer, self.metrics = runner, tokenizer, metrics
         self.max_batch, self.max_queue, self.max_len = max_batch, max_queue, max_len
         self.prefill_budget = prefill_budget
@@ -160,6 +161,10 @@ class Engine:
             self._kernel = KernelTables(sparse_kernel)
         elif triton and triton_delta.applies_to(runner.device):
             self._kernel = KernelTables(triton_delta.TritonDeltas())
+        # fp32 on CPU: the adapters a whole batch shares as merged weights, cached (server/merged.py)
+        self._merged = None
+        if merged_mb > 0 and runner.device.type == "cpu" and runner.dtype == torch.float32:
+            self._merged = MergedRoutes(merged_mb << 20, merged_size, metrics)
         self._graphs = None  # on CUDA: decode steps without task adapters replayed from graphs
         if cuda_graphs and runner.device.type == "cuda":
             from .cuda_graphs import DecodeGraphs
@@ -252,6 +257,8 @@ class Engine:
                     break
                 if self._pending_state is not None:
                     self._state, self._pending_state = self._pending_state, None
+                    if self._merged is not None:  # merged sets of deleted tasks' adapters go
+                        self._merged.retain({id(a) for route in self._state.routes.values() for a in route})
                 if self._pending_threads is not None:
                     torch.set_num_threads(self._pending_threads)
                     self._pending_threads = None
@@ -357,7 +364,8 @@ class Engine:
         positions = torch.tensor([seq.pos for seq in self._decoding], dtype=torch.long)
         routes = [seq.route for seq in self._decoding]
         try:
-            plan = Plan(routes, segments, self.runner.device, self._kernel) if segments else self._decode_plan(routes)
+            plan = (Plan(routes, segments, self.runner.device, self._kernel, self._merged) if segments
+                    else self._decode_plan(routes))
             logits = self._graphs.run(tokens, positions, plan) if self._graphs is not None and not chunks else None
             if logits is not None:
                 chunk_logits = []
@@ -409,7 +417,7 @@ class Engine:
         """The decode rows' plan, kept while the batch's routes stay the same."""
         key = Plan.key(routes)
         if key != self._plan_key:
-            self._plan, self._plan_key = Plan(routes, (), self.runner.device, self._kernel), key
+            self._plan, self._plan_key = Plan(routes, (), self.runner.device, self._kernel, self._merged), key
         return self._plan
 
     def _step_apart(self, tokens, positions, routes, chunks):
@@ -424,7 +432,8 @@ class Engine:
         kept, kept_logits = [], []
         for seq, chunk in chunks:
             try:
-                plan = Plan([], [(0, len(chunk.token_ids), seq.route)], self.runner.device, self._kernel)
+                plan = Plan([], [(0, len(chunk.token_ids), seq.route)], self.runner.device, self._kernel,
+                            self._merged)
                 kept_logits.append(self.runner.step(empty, empty, [chunk], plan)[1][0])
             except Exception as e:
                 self._prefilling.remove(seq)

@@ -36,6 +36,12 @@ class Metrics:
             "Fraction of the adapter's non-zero positions that are non-zero in an earlier task's delta", ["task"],
             registry=r)
         self.adapters_served = Gauge("jumplora_adapters_served", "Task adapters being served", registry=r)
+        self.merged_sets = Gauge("jumplora_merged_weights_sets",
+                                 "Sets of adapters whose merged weights are cached for serving", registry=r)
+        self.merged_bytes = Gauge("jumplora_merged_weights_bytes", "Memory of the cached merged weights (at most "
+                                  "merged_weights_mb)", registry=r)
+        self.merged_builds = Counter("jumplora_merged_weights_builds",
+                                     "Projection groups whose merged weights were built", registry=r)
         self.adapter_load_errors = Counter("jumplora_adapter_load_errors",
                                            "Stored adapters refused at load (corrupt, foreign, malformed)",
                                            ["task", "reason"], registry=r)

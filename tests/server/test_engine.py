@@ -24,10 +24,10 @@ def bank(tiny_base, tmp_path_factory):
 
 
 def make_engine(base, state, *, start=True, max_batch=8, max_queue=64, max_len=128, prefill_budget=256,
-                kernel=None):
+                kernel=None, merged_mb=0):
     runner = ModelRunner(base.model, max_rows=max_batch, max_len=max_len)
     engine = Engine(runner, base.tokenizer, state, Metrics(), max_batch=max_batch, max_queue=max_queue,
-                    max_len=max_len, prefill_budget=prefill_budget, sparse_kernel=kernel)
+                    max_len=max_len, prefill_budget=prefill_budget, sparse_kernel=kernel, merged_mb=merged_mb)
     if start:
         engine.start()
     return engine
@@ -77,14 +77,19 @@ MIX = [("sparse-a", "the cat sat", 9), ("dense-b", "on a mat", 4), (BASE, "hello
        ("chain-d", "a chained task", 9)]
 
 
+@pytest.mark.parametrize("merged_mb", [0, 64], ids=["unmerged", "merged"])  # the cache of shared adapters' weights
 @pytest.mark.parametrize("compiled", [False, True], ids=["torch", "kernel"])  # the decode rows' sparse deltas
 @pytest.mark.parametrize("prefill_budget", [256, 3])  # 3: prompts are chunked over several steps
-def test_continuous_batching_matches_alone_and_merged_reference(tiny_base, bank, prefill_budget, compiled, request):
+def test_continuous_batching_matches_alone_and_merged_reference(tiny_base, bank, prefill_budget, compiled, merged_mb,
+                                                                request):
+    """Requests alone run on one route (with the cache: merged weights), together on several."""
     state, refs = bank
     # Fewer rows than requests: some wait, then join the running batch.
     kernel = request.getfixturevalue("sparse_kernel") if compiled else None
-    engine = make_engine(tiny_base, state, max_batch=4, prefill_budget=prefill_budget, kernel=kernel)
+    engine = make_engine(tiny_base, state, max_batch=4, prefill_budget=prefill_budget, kernel=kernel,
+                         merged_mb=merged_mb)
     assert (engine._kernel.kernel if engine._kernel else None) is kernel
+    assert (engine._merged is not None) == bool(merged_mb)
     try:
         reqs = [(task, prompt, SamplingParams(max_new_tokens=n)) for task, prompt, n in MIX]
         together = run(engine, reqs, delays=[0, 0, 0.05, 0.1, 0.1, 0.2, 0.3, 0.3])
@@ -97,6 +102,9 @@ def test_continuous_batching_matches_alone_and_merged_reference(tiny_base, bank,
             assert fin.finish_reason == ("length" if len(tokens) == n else "eos")
             assert fin.prompt_tokens == len(tiny_base.tokenizer(prompt)["input_ids"])
         assert engine.running == 0
+        if merged_mb:  # every task's route ran alone on merged weights (@stack on its own)
+            assert {tuple(a.name for a in e[0].route) for e in engine._merged._entries.values()} >= {
+                ("sparse-a",), ("dense-b",), ("lowrank-c",), ("sparse-a", "chain-d")}
     finally:
         engine.stop()
 
@@ -205,7 +213,7 @@ def test_limits_unknown_task_context_and_full_queue(tiny_base, bank):
 
 def test_new_state_serves_new_requests_and_leaves_requests_in_flight_alone(tiny_base, bank):
     state, refs = bank
-    engine = make_engine(tiny_base, state)
+    engine = make_engine(tiny_base, state, merged_mb=64)
     # A second state without the dense task: @stack changes.
     sums = {}
     for name in state.tasks:
@@ -217,7 +225,12 @@ def test_new_state_serves_new_requests_and_leaves_requests_in_flight_alone(tiny_
     stack = make_stack(sums, weights, projection_layout(tiny_base.model))
     smaller = build_state([(info, state.route(name)) for name, info in state.tasks.items() if name != "dense-b"],
                           stack, version=2)
+    def merged_sets():
+        return [{a.name for a in e[0].route} for e in engine._merged._entries.values()]
+
     try:
+        run(engine, [("dense-b", "alone", SamplingParams(max_new_tokens=2))])
+        assert {"dense-b"} in merged_sets()
         before = run(engine, [(STACK, "steady", SamplingParams(max_new_tokens=30))])[0][0]
 
         async def main():
@@ -233,6 +246,7 @@ def test_new_state_serves_new_requests_and_leaves_requests_in_flight_alone(tiny_
         assert after == reference_greedy(tiny_base, {STACK: stack_without_b}, STACK, "steady", 30)
         with pytest.raises(NotFound):
             engine.submit("dense-b", "x", SamplingParams(), "test", asyncio.new_event_loop())
+        assert not any("dense-b" in names for names in merged_sets())  # the deleted task's merged weights went
     finally:
         engine.stop()
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from server.bank import BASE, KERNEL_MAX_ROWS, STACK, KernelTables, Plan
+from server.merged import MergedRoutes, merged_size
 from server.model import merged_deltas
 from server.runner import ModelRunner
 from support import make_bank
@@ -138,16 +139,22 @@ def _reference(refs, names, paths, widths, x):
     return out
 
 
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["torch", "kernel"])
-@pytest.mark.parametrize("mix, segments", [
-    (["sparse-a", "sparse-a", "sparse-a", BASE, "dense-b", "sparse-a"], []),
-    (["sparse-a", STACK, "chain-d", STACK, "lowrank-c", "dense-b"], []),
-    (["chain-d", "chain-d"], [("sparse-a", 3), ("chain-d", 2), (BASE, 2)]),  # prompt segments after the rows
-    ([], [("chain-d", KERNEL_MAX_ROWS + 5), ("sparse-a", 4)]),  # a long prompt chunk: torch's product for it
+@pytest.mark.parametrize("mix, segments, common", [
+    (["sparse-a", "sparse-a", "sparse-a", BASE, "dense-b", "sparse-a"], [], ()),
+    (["sparse-a", STACK, "chain-d", STACK, "lowrank-c", "dense-b"], [], ()),
+    (["chain-d", "chain-d"], [("sparse-a", 3), ("chain-d", 2), (BASE, 2)], ()),  # prompt segments after the rows
+    ([], [("chain-d", KERNEL_MAX_ROWS + 5), ("sparse-a", 4)], ("sparse-a",)),  # a long prompt chunk: torch's
+    (["chain-d", "sparse-a", "chain-d"], [("sparse-a", 3)], ("sparse-a",)),  # the shared parent merged
+    (["chain-d", "chain-d"], [("chain-d", 3)], ("sparse-a", "chain-d")),  # one route, all of it merged
+    (["dense-b", "dense-b"], [], ("dense-b",)),
+    (["lowrank-c"], [], ("lowrank-c",)),
 ])
-def test_plans_equal_the_per_position_reference(tiny_base, bank, mix, segments, compiled, request):
+def test_plans_equal_the_per_position_reference(tiny_base, bank, mix, segments, common, compiled, merged, request):
     """Plan.project against the slow reference, for every projection group: decode rows and prompt segments,
-    one route or several, through the compiled kernel or torch's products."""
+    one route or several, through the compiled kernel or torch's products; with the cache of merged weights,
+    the adapters that every position holds run merged (server/merged.py) and the rest as without it."""
     state, refs = bank
     runner = ModelRunner(tiny_base.model, max_rows=8, max_len=64)
     kernel = request.getfixturevalue("sparse_kernel") if compiled else None
@@ -156,7 +163,13 @@ def test_plans_equal_the_per_position_reference(tiny_base, bank, mix, segments, 
         spans.append((offset, offset + length, state.route(name)))
         names += [name] * length
         offset += length
-    plan = Plan([state.route(n) for n in mix], spans, runner.device, kernel)
+    cache = MergedRoutes(1 << 30, merged_size) if merged else None
+    plan = Plan([state.route(n) for n in mix], spans, runner.device, kernel, cache)
+    if merged and common:
+        assert [a.name for a in plan.merged.route] == list(common)
+        assert not {a.name for a, _ in plan.members} & set(common)
+    else:
+        assert plan.merged is None or plan.merged is state.stack
     g = torch.Generator().manual_seed(5)
     for group in runner.groups:
         for paths, lin in group.values():

@@ -1,0 +1,110 @@
+"""Merged weights W + Σ Δ for sets of adapters that a whole forward shares, kept in a bounded cache.
+
+When every position of a forward holds the same adapters in its route (one stream on one task; a batch whose
+tasks all descend from the same first tasks, as continual learning makes them), the plan of ``server/bank.py``
+runs those adapters' projections with merged weights instead of reading their deltas: a forward on one route
+then costs what ``@base`` does, and a chain's shared first tasks cost nothing per step. The weights are built
+from the base product's weights on first use, one projection group at a time, and packed as the base is
+(``server/kernels.py``).
+
+Only in fp32 on CPU: in bf16 or fp16 the sum W + Δ would round most of a small delta away, and on CUDA the
+Triton kernel already reads all of a group's deltas in one launch. Memory: one merged copy of the adapted
+groups' weights per set (66 MB for SmolLM2-135M's q/k/v in fp32), evicted least recently used beyond the
+budget (``merged_weights_mb``)."""
+from __future__ import annotations
+
+import collections
+
+import torch
+
+from .kernels import Linear
+
+
+class MergedWeights:
+    """The merged products of one set of adapters (``route``), built per projection group on first use. Has
+    the interface of ``Adapter.merged_linear`` so that a plan runs it as it runs ``@stack``'s."""
+
+    def __init__(self, route: tuple, on_build=None):
+        self.route = route  # the adapters (kept referenced while cached, so their ids stay theirs)
+        self._linears: dict[tuple[str, ...], Linear] = {}
+        self._on_build = on_build  # called once per group built
+
+    def merged_linear(self, layers: tuple[str, ...], base: Linear) -> Linear:
+        """The group's fused product with W + Σ of the route's deltas (``base`` itself if none adapts it)."""
+        if layers not in self._linears:
+            deltas = [a.groups[layers] for a in self.route if layers in a.groups]
+            if not deltas:
+                return base
+            with torch.inference_mode():
+                weights = [w.detach() for w, _ in base.parts]
+                w = torch.cat(weights) if len(weights) > 1 else weights[0].clone()  # (Σ d_out, d_in)
+                for delta in deltas:
+                    delta.add_to(w)
+                biases = [b for _, b in base.parts]
+                bias = None
+                if any(b is not None for b in biases):
+                    bias = torch.cat([b.detach() if b is not None else w.new_zeros(n)
+                                      for b, n in zip(biases, base.widths)])
+                self._linears[layers] = Linear([w], [bias])
+            if self._on_build is not None:
+                self._on_build()
+        return self._linears[layers]
+
+
+def merged_size(route: tuple) -> int:
+    """Bytes of a set's merged fp32 weights: those of every projection group one of its adapters adapts."""
+    shapes = {layers: delta.shape for adapter in route for layers, delta in adapter.groups.items()}
+    return sum(rows * cols * 4 for rows, cols in shapes.values())
+
+
+class MergedRoutes:
+    """Merged weights per set of adapters, least recently used evicted beyond ``budget`` bytes. ``size`` says
+    what a set's merged weights will take, in bytes (the base weights of the groups its adapters adapt). Used
+    from the engine thread only."""
+
+    def __init__(self, budget: int, size, metrics=None):
+        self.budget = budget
+        self.size = size  # route -> bytes
+        self.metrics = metrics
+        self._entries: collections.OrderedDict[tuple, tuple[MergedWeights, int]] = collections.OrderedDict()
+        self.used = 0  # bytes of the cached sets (as sized up front; built lazily)
+
+    def get(self, route: tuple) -> MergedWeights | None:
+        """The merged weights of ``route`` (a tuple of adapters, in any order), made if needed; None when its
+        weights alone would exceed the budget."""
+        key = tuple(sorted(id(a) for a in route))
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key][0]
+        need = self.size(route)
+        if need > self.budget:
+            return None
+        while self._entries and self.used + need > self.budget:
+            self._drop(next(iter(self._entries)))
+        entry = MergedWeights(route, self._built)
+        self._entries[key] = (entry, need)
+        self.used += need
+        self._report()
+        return entry
+
+    def retain(self, adapters: set[int]) -> None:
+        """Drop the sets holding an adapter whose id is not in ``adapters`` (deleted or replaced tasks)."""
+        for key in [k for k in self._entries if not set(k) <= adapters]:
+            self._drop(key)
+
+    def _drop(self, key: tuple) -> None:
+        _, need = self._entries.pop(key)
+        self.used -= need
+        self._report()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _built(self) -> None:
+        if self.metrics is not None:
+            self.metrics.merged_builds.inc()
+
+    def _report(self) -> None:
+        if self.metrics is not None:
+            self.metrics.merged_bytes.set(self.used)
+            self.metrics.merged_sets.set(len(self._entries))
