@@ -18,10 +18,11 @@
  * loop then has no remainder and its trip count repeats from row to row, where a row of ~20 non-zeros used to
  * end with a mispredicted branch or two. The threads split the output rows at whole chunks (a stored row
  * writes an output row of its own chunk), so that each has about the same number of non-zeros (q and v
- * adapted, k not: an even split of the rows is not one of the work). Figures: server/sparse_kernel.py. Tried
- * and left out, measured on the 8-task chain: software prefetching of the non-zeros 512 to 8192 entries ahead
- * in the entries of several rows (within the run-to-run noise, before and after the padding; it does help an
- * entry of one row: DOT1), bf16 values with 16-bit columns (4 bytes a non-zero instead of 6: no faster, the
+ * adapted, k not: an even split of the rows is not one of the work). An entry over all 32 lanes of a block runs
+ * each chunk of rows twice, 16 lanes at a time: the block's inputs (d_in x 128 bytes, 72 KB for d_in 576) do
+ * not fit in L1, each half's do. Figures: server/sparse_kernel.py. Tried and left out, measured on the 8-task
+ * chain: software prefetching of the non-zeros once every 16 in the entries of several rows, 512 to 8192 ahead
+ * (within the run-to-run noise; once a row, 256 ahead, it helps: ROW_PREFETCH), bf16 values with 16-bit columns (4 bytes a non-zero instead of 6: no faster, the
  * widening costs what the bytes save), rows padded to 8 with the loop unrolled 8 times, and the column and value
  * of a non-zero side by side in one stream (neither faster). */
 #include <omp.h>
@@ -49,12 +50,24 @@ static inline float bf16_to_f32(uint16_t h) {
 #define COL_I32(c, j) ((int64_t)((const int32_t *)(c))[j])
 #define COL_U16(c, j) ((int64_t)((const uint16_t *)(c))[j])
 
+/* The deltas are read as streams from memory (a decode step's base weights evict them from the caches); the
+ * values and columns AHEAD non-zeros on are prefetched, once every 16 non-zeros of one row (PREFETCH) or at the
+ * start of every stored row of several (ROW_PREFETCH: two lines of values, one of columns, a row holding about
+ * 20 non-zeros). A prefetch past the end of an array is harmless. */
+#define AHEAD 256
+#define PREFETCH(col, val, j, VAL_BYTES, COL_BYTES)                                                    \
+  __builtin_prefetch((const char *)(val) + (VAL_BYTES) * ((j) + AHEAD));                               \
+  __builtin_prefetch((const char *)(col) + (COL_BYTES) * ((j) + AHEAD));
+#define ROW_PREFETCH(col, val, j, VAL_BYTES, COL_BYTES)                                                \
+  PREFETCH(col, val, j, VAL_BYTES, COL_BYTES)                                                          \
+  __builtin_prefetch((const char *)(val) + (VAL_BYTES) * ((j) + AHEAD) + 64);
+
 /* One entry over lanes [lo, lo + V) of a block of 2^sh lanes: yp[perm[o], lo + k] += Σ_j val[j] · p[col[j], lo + k]
  * over the non-zeros j of every stored row o in [o0, o1), the V lanes at once (GCC/Clang vector extensions: SSE,
  * AVX or NEON on any target; V = 32 is two AVX-512 vectors), the lanes outside mask m cleared bitwise (whatever
  * they hold stays out). p: (d_in, 2^sh) and yp: (d_out, 2^sh). Four partial sums: with one chain of dependent
  * multiply-adds the loop is bound by the FMA latency. One copy per width, value and column type. */
-#define ENTRY(NAME, V, VT, VI, VAL, COL, WHOLE_BLOCK)                                                  \
+#define ENTRY(NAME, V, VT, VI, VAL, COL, VB, CB, WHOLE_BLOCK)                                          \
   static void NAME(const csr_t *a, uint32_t m, int64_t o0, int64_t o1, const float *restrict p,        \
                    float *restrict yp, int sh_, int lo_) {                                             \
     /* a window as wide as the block: its shift a constant, as in the inner loop's address arithmetic */  \
@@ -63,11 +76,13 @@ static inline float bf16_to_f32(uint16_t h) {
     const void *restrict col = a->col, *restrict val = a->val;                                         \
     VI keep;                                                                                           \
     for (int k = 0; k < V; k++) keep[k] = (m >> (lo + k)) & 1u ? -1 : 0;                               \
-    const int whole = (m >> lo) == (V == 32 ? 0xFFFFFFFFu : (1u << (V % 32)) - 1);                     \
+    const uint32_t full = V == 32 ? 0xFFFFFFFFu : (1u << (V % 32)) - 1; /* the window's lanes */       \
+    const int whole = ((m >> lo) & full) == full;                                                      \
     p += lo;                                                                                           \
     for (int64_t o = o0; o < o1; o++) {                                                                \
       const int32_t b = crow[o], e = crow[o + 1];                                                      \
       if (b == e) continue;                                                                            \
+      ROW_PREFETCH(col, val, b, VB, CB)                                                                \
       VT s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};                                                       \
       int32_t j = b;                                                                                   \
       for (; j + 4 <= e; j += 4) {                                                                     \
@@ -83,14 +98,14 @@ static inline float bf16_to_f32(uint16_t h) {
     }                                                                                                  \
   }
 #define ENTRIES(V, VT, VI)                                                                             \
-  ENTRY(entry##V##_f32_i32, V, VT, VI, VAL_F32, COL_I32, 0)                                            \
-  ENTRY(entry##V##_bf16_i32, V, VT, VI, VAL_BF16, COL_I32, 0)                                          \
-  ENTRY(entry##V##_f32_u16, V, VT, VI, VAL_F32, COL_U16, 0)                                            \
-  ENTRY(entry##V##_bf16_u16, V, VT, VI, VAL_BF16, COL_U16, 0)                                          \
-  ENTRY(whole##V##_f32_i32, V, VT, VI, VAL_F32, COL_I32, 1)                                            \
-  ENTRY(whole##V##_bf16_i32, V, VT, VI, VAL_BF16, COL_I32, 1)                                          \
-  ENTRY(whole##V##_f32_u16, V, VT, VI, VAL_F32, COL_U16, 1)                                            \
-  ENTRY(whole##V##_bf16_u16, V, VT, VI, VAL_BF16, COL_U16, 1)
+  ENTRY(entry##V##_f32_i32, V, VT, VI, VAL_F32, COL_I32, 4, 4, 0)                                            \
+  ENTRY(entry##V##_bf16_i32, V, VT, VI, VAL_BF16, COL_I32, 2, 4, 0)                                          \
+  ENTRY(entry##V##_f32_u16, V, VT, VI, VAL_F32, COL_U16, 4, 2, 0)                                            \
+  ENTRY(entry##V##_bf16_u16, V, VT, VI, VAL_BF16, COL_U16, 2, 2, 0)                                          \
+  ENTRY(whole##V##_f32_i32, V, VT, VI, VAL_F32, COL_I32, 4, 4, 1)                                            \
+  ENTRY(whole##V##_bf16_i32, V, VT, VI, VAL_BF16, COL_I32, 2, 4, 1)                                          \
+  ENTRY(whole##V##_f32_u16, V, VT, VI, VAL_F32, COL_U16, 4, 2, 1)                                            \
+  ENTRY(whole##V##_bf16_u16, V, VT, VI, VAL_BF16, COL_U16, 2, 2, 1)
 typedef float v2f __attribute__((vector_size(2 * sizeof(float)), aligned(sizeof(float))));
 typedef float v4f __attribute__((vector_size(4 * sizeof(float)), aligned(sizeof(float))));
 typedef float v8f __attribute__((vector_size(8 * sizeof(float)), aligned(sizeof(float))));
@@ -109,12 +124,7 @@ ENTRIES(32, v32f, v32i)
 
 /* One row's sum over the non-zeros [b, e) of an output row: Σ_j val[j] · xr[col[j]], its input xr contiguous.
  * A single row's delta is little work per byte read, and its reads wait on memory: the values and columns
- * AHEAD non-zeros on are prefetched (on the trained chain, one row on 8 adapters, 14 % less time; a prefetch
- * past the end of an array is harmless). The entries of several rows, more work per byte, gain nothing from it. */
-#define AHEAD 256
-#define PREFETCH(col, val, j, VAL_BYTES, COL_BYTES)                                                    \
-  __builtin_prefetch((const char *)(val) + (VAL_BYTES) * ((j) + AHEAD));                               \
-  __builtin_prefetch((const char *)(col) + (COL_BYTES) * ((j) + AHEAD));
+ * AHEAD non-zeros on are prefetched (PREFETCH; on the trained chain, one row on 8 adapters, 14 % less time). */
 #ifndef __AVX512F__
 #define DOT1(NAME, VAL, COL, VB, CB)                                                                   \
   static inline float NAME(const void *restrict col, const void *restrict val, int32_t b, int32_t e,   \
@@ -188,6 +198,7 @@ static const entry_fn ENTRY_FNS[2][5][4] = {
     {BY_KIND(whole, 2), BY_KIND(whole, 4), BY_KIND(whole, 8), BY_KIND(whole, 16), BY_KIND(whole, 32)}};
 
 #define MAX_ROWS 32 /* rows in a block */
+#define HALF_ROWS 64 /* stored rows a window of 32 lanes runs as two halves over */
 static inline int width_of(int nr) { int w = 1; while (w < nr) w *= 2; return w; }
 static inline int log2_of(int w) { return __builtin_ctz((unsigned)w); }
 static inline int one_row(uint32_t m) { return (m & (m - 1)) == 0; }
@@ -221,6 +232,15 @@ static void run_block(const csr_t *adapters, const int32_t *ent_adapter, const u
     const int first = __builtin_ctz(m), last = 31 - __builtin_clz(m);
     int v = 2;
     while (first / v != last / v) v *= 2;
+    if (v == 32) { /* each chunk of rows twice, 16 lanes at a time: a half's inputs (d_in x 64 bytes) stay in L1 */
+      const entry_fn half = ENTRY_FNS[0][3][a->kind];
+      for (int64_t c = o0; c < o1; c += HALF_ROWS) {
+        const int64_t c1 = c + HALF_ROWS < o1 ? c + HALF_ROWS : o1;
+        half(a, m, c, c1, p, yp, 5, 0);
+        half(a, m, c, c1, p, yp, 5, 16);
+      }
+      continue;
+    }
     ENTRY_FNS[v == width][log2_of(v) - 1][a->kind](a, m, o0, o1, p, yp, log2_of(width), first / v * v);
   }
   if (summed)

@@ -121,6 +121,28 @@ def test_threads_split_the_rows_at_whole_chunks(any_kernel, stored, threads):
     assert torch.allclose(y, expected, atol=1e-4), float((y - expected).abs().max())
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_entries_over_all_32_lanes_run_as_two_halves_over_every_chunk(any_kernel, threads):
+    """A block of 32 rows: an entry over all of them, one over lanes 3..29 (both run 16 lanes at a time, chunk
+    by chunk of 64 rows: 200 output rows make four, the last partial), one over 4 lanes."""
+    g = torch.Generator().manual_seed(21 + threads)
+    made = [_delta(200, 48, 0.2, g) for _ in range(3)]
+    x, y = torch.randn(34, 48, generator=g), torch.randn(34, 200, generator=g)
+    starts, rows = [0, 32, 32 + 27, 32 + 27 + 4], [*range(32), *range(3, 30), *range(20, 24)]
+    expected = y.clone()
+    for t, (_, dense) in enumerate(made):
+        for r in rows[starts[t]:starts[t + 1]]:
+            expected[r] += dense @ x[r]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert any_kernel.layout(starts, rows).block_start.tolist()[:2] == [0, 32]  # one block of 32 rows
+        any_kernel.add(any_kernel.prepare([d for d, _ in made]), starts, rows, x, y)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.allclose(y, expected, atol=1e-4), float((y - expected).abs().max())
+
+
 def test_a_row_outside_an_entry_never_reaches_its_sums(any_kernel):
     """A block computes an entry's sums for all its lanes and clears those of rows outside the entry: an input
     that is not finite in such a row stays out of the others' outputs."""
