@@ -22,8 +22,7 @@ in one of three forms, chosen when it is loaded:
 One plan for every forward (``Plan``): each distinct adapter of the batch is applied once, to every position
 (decode row or prompt position) whose route holds it. A forward whose positions are all on the same ``@stack``
 runs the merged weights W + Σ instead, at exactly the cost of ``@base``; given a cache of merged weights
-(``server/merged.py``: fp32 on CPU), so do the adapters that every position of a forward holds, whatever they
-are, and only the others are applied per position.
+(``server/merged.py``: fp32 on CPU), so does a forward whose positions are all on any one route.
 
 A state is immutable once built; registering a task builds a new state off the engine thread and the engine
 swaps it in between two steps; a request keeps the route it was admitted with."""
@@ -355,19 +354,17 @@ class Plan:
         for begin, end, route in spans:
             for adapter in route:
                 members.setdefault(id(adapter), (adapter, []))[1].extend(range(begin, end))
-        # the adapters that every position holds run as merged weights W + Σ at the cost of @base: @stack's own;
-        # others' from the cache of merged sets, where there is one (fp32 on CPU: server/merged.py)
+        # every position on the same route: its merged weights W + Σ serve it at the cost of @base, @stack's own
+        # or, given a cache of merged sets (fp32 on CPU: server/merged.py), the route's
         positions = self.n + sum(end - begin for begin, end, _ in segments)  # @base's included
-        common = tuple(a for a, p in members.values() if len(p) == positions)
+        one_route = bool(members) and all(len(p) == positions for _, p in members.values())
+        held = tuple(a for a, _ in members.values())  # with one_route: that route's adapters
         self.merged = None
-        if len(common) == 1 and common[0].merged is not None:
-            self.merged = common[0]
-        elif common and merged is not None:
-            self.merged = merged.get(common)
-        if self.merged is not None:
-            for adapter in common:
-                del members[id(adapter)]
-        self.members = list(members.values())
+        if one_route and len(held) == 1 and held[0].merged is not None:
+            self.merged = held[0]
+        elif one_route and merged is not None:
+            self.merged = merged.get(held)
+        self.members = [] if self.merged is not None else list(members.values())
         self.adapted = set().union(*(a.groups for a, _ in self.members)) if self.members else set()
         self._groups: dict[tuple[str, ...], tuple] = {}
         self._layouts: dict[tuple, object] = {}  # the kernel's positions, by (starts, rows)

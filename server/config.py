@@ -47,10 +47,9 @@ class Settings(BaseSettings):
                                 "compiler (cc or $CC) into cache_dir; on CUDA, use the Triton kernel (needs "
                                 "triton); off, or without a compiler or triton: torch's sparse products (same "
                                 "results, slower)")
-    merged_weights_mb: int = Field(1024, ge=0, description="on CPU in fp32, memory for merged weights W + Σ Δ "
-                                   "of the adapters a whole batch shares (one stream on one task runs at the cost "
-                                   "of @base); about 66 MB a set for the default model, least recently used "
-                                   "dropped; 0: off")
+    merged_weights_mb: int = Field(1024, ge=0, description="on CPU in fp32, memory for routes' merged weights "
+                                   "W + Σ Δ: a batch whose rows are all on one task runs at the cost of @base; "
+                                   "about 66 MB a route for the default model, least recently used dropped; 0: off")
     threads: int | None = Field(None, ge=1, description="torch threads for serving (unset: torch's choice)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     max_batch_size: int = Field(32, ge=1, le=1024, description="rows in the running batch")

@@ -161,7 +161,7 @@ class Engine:
             self._kernel = KernelTables(sparse_kernel)
         elif triton and triton_delta.applies_to(runner.device):
             self._kernel = KernelTables(triton_delta.TritonDeltas())
-        # fp32 on CPU: the adapters a whole batch shares as merged weights, cached (server/merged.py)
+        # fp32 on CPU: a batch on one route runs on its merged weights, cached (server/merged.py)
         self._merged = None
         if merged_mb > 0 and runner.device.type == "cpu" and runner.dtype == torch.float32:
             self._merged = MergedRoutes(merged_mb << 20, merged_size, metrics)

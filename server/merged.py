@@ -1,15 +1,17 @@
-"""Merged weights W + Σ Δ for sets of adapters that a whole forward shares, kept in a bounded cache.
+"""Merged weights W + Σ Δ of the adapters of a route, for forwards whose positions are all on that route, kept
+in a bounded cache.
 
-When every position of a forward holds the same adapters in its route (one stream on one task; a batch whose
-tasks all descend from the same first tasks, as continual learning makes them), the plan of ``server/bank.py``
-runs those adapters' projections with merged weights instead of reading their deltas: a forward on one route
-then costs what ``@base`` does, and a chain's shared first tasks cost nothing per step. The weights are built
-from the base product's weights on first use, one projection group at a time, and packed as the base is
-(``server/kernels.py``).
+When every position of a forward is on the same route (one stream on one task; many streams on one task), the
+plan of ``server/bank.py`` runs that route's projections with merged weights instead of reading its deltas: the
+forward then costs what ``@base`` does. The weights are built from the base product's weights on first use,
+one projection group at a time (30-70 ms for a route of 1-8 adapters of the default model), and packed as the
+base is (``server/kernels.py``). Only whole routes: the adapters that a mixed batch's routes share (a chain's
+first tasks) change as requests come and go, and a build costs about as much as 100 decode steps' reads of
+the delta it would save.
 
 Only in fp32 on CPU: in bf16 or fp16 the sum W + Δ would round most of a small delta away, and on CUDA the
 Triton kernel already reads all of a group's deltas in one launch. Memory: one merged copy of the adapted
-groups' weights per set (66 MB for SmolLM2-135M's q/k/v in fp32), evicted least recently used beyond the
+groups' weights per route (66 MB for SmolLM2-135M's q/k/v in fp32), least recently used evicted beyond the
 budget (``merged_weights_mb``)."""
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from .kernels import Linear
 
 
 class MergedWeights:
-    """The merged products of one set of adapters (``route``), built per projection group on first use. Has
+    """The merged products of one route's adapters, built per projection group on first use. Has
     the interface of ``Adapter.merged_linear`` so that a plan runs it as it runs ``@stack``'s."""
 
     def __init__(self, route: tuple, on_build=None):
@@ -52,15 +54,15 @@ class MergedWeights:
 
 
 def merged_size(route: tuple) -> int:
-    """Bytes of a set's merged fp32 weights: those of every projection group one of its adapters adapts."""
+    """Bytes of a route's merged fp32 weights: those of every projection group one of its adapters adapts."""
     shapes = {layers: delta.shape for adapter in route for layers, delta in adapter.groups.items()}
     return sum(rows * cols * 4 for rows, cols in shapes.values())
 
 
 class MergedRoutes:
-    """Merged weights per set of adapters, least recently used evicted beyond ``budget`` bytes. ``size`` says
-    what a set's merged weights will take, in bytes (the base weights of the groups its adapters adapt). Used
-    from the engine thread only."""
+    """Merged weights per route (a set of adapters), least recently used evicted beyond ``budget`` bytes.
+    ``size`` says what a route's merged weights will take, in bytes (the base weights of the groups its
+    adapters adapt). Used from the engine thread only."""
 
     def __init__(self, budget: int, size, metrics=None):
         self.budget = budget

@@ -37,7 +37,7 @@ class Metrics:
             registry=r)
         self.adapters_served = Gauge("jumplora_adapters_served", "Task adapters being served", registry=r)
         self.merged_sets = Gauge("jumplora_merged_weights_sets",
-                                 "Sets of adapters whose merged weights are cached for serving", registry=r)
+                                 "Routes whose merged weights are cached for serving", registry=r)
         self.merged_bytes = Gauge("jumplora_merged_weights_bytes", "Memory of the cached merged weights (at most "
                                   "merged_weights_mb)", registry=r)
         self.merged_builds = Counter("jumplora_merged_weights_builds",

@@ -20,6 +20,8 @@ def test_summary_takes_the_median_of_the_repeats_and_the_table_gives_the_ratios(
     assert rows["tasks"]["step_ms"] == 20.0
     table = serving.table({"runs": runs})
     assert "(b)/(a) at 8: 0.950" in table and "| 20.0 |" in table and "(b) 8-task chain" in table
+    # each repeat's ratio to @base in the same repeat, and their median
+    assert "(paired: median 0.825, repeats 0.950 0.667 0.825)" in table
 
 
 def test_benchmark_runs_every_case_on_the_tiny_model(tiny_model_dir, tmp_path):
