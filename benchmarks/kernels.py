@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from .model_args import add_model_args, model_and_cache
+from .model_args import add_model_args, cpu_base
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,13 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch.nn.functional as F
 
     from server.kernels import Linear, onednn_available
-    from server.model import load_base
     from server.runner import ModelRunner
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model_dir, cache = model_and_cache(args)
-    base = load_base(model_dir, cache, "cpu", "float32")
+    base = cpu_base(args)
     runner = ModelRunner(base.model, max_rows=1, max_len=16)
     fused = [lin for group in runner.groups for _, lin in group.values()] + [runner.lm_head]
     parts = [(w, b) for lin in fused for w, b in lin.parts]  # every projection on its own

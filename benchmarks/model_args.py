@@ -17,3 +17,16 @@ def model_and_cache(args: argparse.Namespace) -> tuple[Path, Path]:
 
     cache = Path(args.cache_dir) if args.cache_dir else Settings().cache_dir
     return (Path(args.model) if args.model else convert_default_model(cache)), cache
+
+
+def cpu_base(args: argparse.Namespace):
+    """The model of --model/--cache-dir in fp32 on CPU, with torch at --threads threads where the options have
+    it (unset: torch's choice)."""
+    import torch
+
+    from server.model import load_base
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    model_dir, cache = model_and_cache(args)
+    return load_base(model_dir, cache, "cpu", "float32")

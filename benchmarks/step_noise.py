@@ -13,7 +13,7 @@ import statistics
 import sys
 import time
 
-from .model_args import add_model_args, model_and_cache
+from .model_args import add_model_args, cpu_base
 
 WINDOWS = (1, 5, 10, 30)
 
@@ -43,13 +43,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from server.model import load_base
     from server.runner import ModelRunner
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model_dir, cache = model_and_cache(args)
-    base = load_base(model_dir, cache, "cpu", "float32")
+    base = cpu_base(args)
     runner = ModelRunner(base.model, max_rows=args.rows, max_len=256)
     prompt = list(range(100, 130))
     for row in range(args.rows):

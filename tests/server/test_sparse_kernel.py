@@ -107,7 +107,12 @@ def test_threads_split_the_rows_at_whole_chunks(any_kernel, stored, threads):
         made = [(dataclasses.replace(d, **dict(zip(("crow", "col", "val"), d.in_order())), perm=None), dense)
                 for d, dense in made]
     starts, rows = [0, 9, 13, 14], [*range(9), *range(5, 9), 3]  # rows 5..8 take adapters 0 and 1
-    x, y = torch.randn(9, 48, generator=g), torch.randn(9, 200, generator=g)
+    _add_at_threads(any_kernel, made, starts, rows, torch.randn(9, 48, generator=g),
+                    torch.randn(9, 200, generator=g), threads)
+
+
+def _add_at_threads(kernel, made, starts, rows, x, y, threads):
+    """The kernel's sums with ``threads`` torch threads against each row's dense deltas."""
     expected = y.clone()
     for t, (_, dense) in enumerate(made):
         for r in rows[starts[t]:starts[t + 1]]:
@@ -115,7 +120,7 @@ def test_threads_split_the_rows_at_whole_chunks(any_kernel, stored, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        any_kernel.add(any_kernel.prepare([d for d, _ in made]), starts, rows, x, y)
+        kernel.add(kernel.prepare([d for d, _ in made]), starts, rows, x, y)
     finally:
         torch.set_num_threads(before)
     assert torch.allclose(y, expected, atol=1e-4), float((y - expected).abs().max())
@@ -127,20 +132,10 @@ def test_entries_over_all_32_lanes_run_as_two_halves_over_every_chunk(any_kernel
     by chunk of 64 rows: 200 output rows make four, the last partial), one over 4 lanes."""
     g = torch.Generator().manual_seed(21 + threads)
     made = [_delta(200, 48, 0.2, g) for _ in range(3)]
-    x, y = torch.randn(34, 48, generator=g), torch.randn(34, 200, generator=g)
     starts, rows = [0, 32, 32 + 27, 32 + 27 + 4], [*range(32), *range(3, 30), *range(20, 24)]
-    expected = y.clone()
-    for t, (_, dense) in enumerate(made):
-        for r in rows[starts[t]:starts[t + 1]]:
-            expected[r] += dense @ x[r]
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        assert any_kernel.layout(starts, rows).block_start.tolist()[:2] == [0, 32]  # one block of 32 rows
-        any_kernel.add(any_kernel.prepare([d for d, _ in made]), starts, rows, x, y)
-    finally:
-        torch.set_num_threads(before)
-    assert torch.allclose(y, expected, atol=1e-4), float((y - expected).abs().max())
+    assert any_kernel.layout(starts, rows).block_start.tolist()[:2] == [0, 32]  # one block of 32 rows
+    _add_at_threads(any_kernel, made, starts, rows, torch.randn(34, 48, generator=g),
+                    torch.randn(34, 200, generator=g), threads)
 
 
 def test_a_row_outside_an_entry_never_reaches_its_sums(any_kernel):
