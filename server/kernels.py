@@ -30,10 +30,11 @@ def onednn_available() -> bool:
 
 class Linear:
     """x (..., d_in) -> [x·W_1ᵀ + b_1, x·W_2ᵀ + b_2, ...] side by side: (..., Σ d_out), in the weights' dtype.
-    ``parts`` keeps the given weights and biases (references, not copies); ``widths`` each part's d_out."""
+    ``parts`` keeps the given weights and biases (references, not copies; with ``keep_weights`` False and the
+    weights packed, the biases only: a caller's own copy is then freed); ``widths`` each part's d_out."""
 
     def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None = None, *,
-                 pack: bool | None = None, fuse: bool | None = None):
+                 pack: bool | None = None, fuse: bool | None = None, keep_weights: bool = True):
         biases = list(biases) if biases is not None else [None] * len(weights)
         self.parts = list(zip(weights, biases))  # [(W (d_out, d_in), b (d_out,) | None)]
         self.widths = tuple(int(w.shape[0]) for w in weights)
@@ -49,6 +50,8 @@ class Linear:
                 if any(b is not None for b in biases):
                     self.bias = torch.cat([b.detach() if b is not None else w0.new_zeros(n)
                                            for b, n in zip(biases, self.widths)])
+        if self.packed is not None and not keep_weights:  # the packed copy alone serves: parts hold no weight
+            self.parts = [(None, b) for _, b in self.parts]
         # elsewhere (CUDA) several parts become one product over a concatenated copy of their weights: one
         # kernel launch instead of one per part and a concatenation
         if fuse is None:

@@ -47,7 +47,7 @@ class MergedWeights:
                 if any(b is not None for b in biases):
                     bias = torch.cat([b.detach() if b is not None else w.new_zeros(n)
                                       for b, n in zip(biases, base.widths)])
-                self._linears[layers] = Linear([w], [bias])
+                self._linears[layers] = Linear([w], [bias], keep_weights=False)  # packed: w itself is freed
             if self._on_build is not None:
                 self._on_build()
         return self._linears[layers]

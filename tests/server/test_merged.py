@@ -58,6 +58,7 @@ def test_merged_weights_are_the_base_plus_every_delta(tiny_base):
     entry = MergedRoutes(MB, merged_size, metrics).get(route)
     product = entry.merged_linear(layers, base)
     assert entry.merged_linear(layers, base) is product
+    assert product.packed is None or product.parts[0][0] is None  # packed: the fp32 sum is not kept besides
     assert entry.merged_linear(("o",), base) is base  # a group no adapter of the set adapts: the base's own
     x = torch.randn(5, 8)
     expected = base(x) + x @ (d1 + dense.dense + lowrank.lowrank[1] @ lowrank.lowrank[0]).T
