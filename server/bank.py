@@ -118,11 +118,11 @@ class GroupDelta:
         return torch.from_numpy(crow).to(self.crow.device), self.col[index], self.val[index]
 
     def add_to(self, w: torch.Tensor) -> None:
-        """w (Σ d_out, d_in), on the delta's device, += Δ (summed in w's dtype; padding adds zeros)."""
+        """w (Σ d_out, d_in) += Δ, summed in w's dtype (padding adds zeros)."""
         if self.kind == "sparse":
-            rows = torch.arange(self.shape[0], device=w.device) if self.perm is None else self.perm.long()
-            rows = torch.repeat_interleave(rows, torch.diff(self.crow.long()))  # each stored entry's output row
-            w.view(-1).index_add_(0, rows * self.shape[1] + self.col.long(), self.val.to(w.dtype))
+            rows, _, val = self._stored_rows()
+            flat = torch.from_numpy(rows * self.shape[1] + self.col.cpu().numpy().astype(np.int64))
+            w.view(-1).index_add_(0, flat.to(w.device), torch.from_numpy(val).to(w.device, w.dtype))
         else:
             w += self.to_dense().to(w.dtype)
 

@@ -38,16 +38,13 @@ class MergedWeights:
             if not deltas:
                 return base
             with torch.inference_mode():
-                weights = [w.detach() for w, _ in base.parts]
-                w = torch.cat(weights) if len(weights) > 1 else weights[0].clone()  # (Σ d_out, d_in)
+                w = torch.cat([w.detach() for w, _ in base.parts])  # (Σ d_out, d_in), a copy
                 for delta in deltas:
                     delta.add_to(w)
-                biases = [b for _, b in base.parts]
-                bias = None
-                if any(b is not None for b in biases):
-                    bias = torch.cat([b.detach() if b is not None else w.new_zeros(n)
-                                      for b, n in zip(biases, base.widths)])
-                self._linears[layers] = Linear([w], [bias], keep_weights=False)  # packed: w itself is freed
+                # the parts' rows of the sum and the base's biases, fused and packed as the base is; packed, the
+                # sum itself is freed
+                self._linears[layers] = Linear(list(w.split(base.widths)), [b for _, b in base.parts],
+                                               keep_weights=False)
             if self._on_build is not None:
                 self._on_build()
         return self._linears[layers]

@@ -22,9 +22,10 @@
  * each chunk of rows twice, 16 lanes at a time: the block's inputs (d_in x 128 bytes, 72 KB for d_in 576) do
  * not fit in L1, each half's do. Figures: server/sparse_kernel.py. Tried and left out, measured on the 8-task
  * chain: software prefetching of the non-zeros once every 16 in the entries of several rows, 512 to 8192 ahead
- * (within the run-to-run noise; once a row, 256 ahead, it helps: ROW_PREFETCH), bf16 values with 16-bit columns (4 bytes a non-zero instead of 6: no faster, the
- * widening costs what the bytes save), rows padded to 8 with the loop unrolled 8 times, and the column and value
- * of a non-zero side by side in one stream (neither faster). */
+ * (within the run-to-run noise; once a row, 256 ahead, it helps: ROW_PREFETCH), bf16 values with 16-bit
+ * columns (4 bytes a non-zero instead of 6: no faster, the widening costs what the bytes save), rows padded to 8
+ * with the loop unrolled 8 times, and the column and value of a non-zero side by side in one stream (neither
+ * faster). */
 #include <omp.h>
 #include <stdint.h>
 
@@ -64,7 +65,7 @@ static inline float bf16_to_f32(uint16_t h) {
 
 /* One entry over lanes [lo, lo + V) of a block of 2^sh lanes: yp[perm[o], lo + k] += Σ_j val[j] · p[col[j], lo + k]
  * over the non-zeros j of every stored row o in [o0, o1), the V lanes at once (GCC/Clang vector extensions: SSE,
- * AVX or NEON on any target; V = 32 is two AVX-512 vectors), the lanes outside mask m cleared bitwise (whatever
+ * AVX or NEON on any target; V = 16 is one AVX-512 vector), the lanes outside mask m cleared bitwise (whatever
  * they hold stays out). p: (d_in, 2^sh) and yp: (d_out, 2^sh). Four partial sums: with one chain of dependent
  * multiply-adds the loop is bound by the FMA latency. One copy per width, value and column type. */
 #define ENTRY(NAME, V, VT, VI, VAL, COL, VB, CB, WHOLE_BLOCK)                                          \
@@ -76,7 +77,7 @@ static inline float bf16_to_f32(uint16_t h) {
     const void *restrict col = a->col, *restrict val = a->val;                                         \
     VI keep;                                                                                           \
     for (int k = 0; k < V; k++) keep[k] = (m >> (lo + k)) & 1u ? -1 : 0;                               \
-    const uint32_t full = V == 32 ? 0xFFFFFFFFu : (1u << (V % 32)) - 1; /* the window's lanes */       \
+    const uint32_t full = (1u << V) - 1; /* the window's lanes (V ≤ 16) */                             \
     const int whole = ((m >> lo) & full) == full;                                                      \
     p += lo;                                                                                           \
     for (int64_t o = o0; o < o1; o++) {                                                                \
@@ -98,29 +99,26 @@ static inline float bf16_to_f32(uint16_t h) {
     }                                                                                                  \
   }
 #define ENTRIES(V, VT, VI)                                                                             \
-  ENTRY(entry##V##_f32_i32, V, VT, VI, VAL_F32, COL_I32, 4, 4, 0)                                            \
-  ENTRY(entry##V##_bf16_i32, V, VT, VI, VAL_BF16, COL_I32, 2, 4, 0)                                          \
-  ENTRY(entry##V##_f32_u16, V, VT, VI, VAL_F32, COL_U16, 4, 2, 0)                                            \
-  ENTRY(entry##V##_bf16_u16, V, VT, VI, VAL_BF16, COL_U16, 2, 2, 0)                                          \
-  ENTRY(whole##V##_f32_i32, V, VT, VI, VAL_F32, COL_I32, 4, 4, 1)                                            \
-  ENTRY(whole##V##_bf16_i32, V, VT, VI, VAL_BF16, COL_I32, 2, 4, 1)                                          \
-  ENTRY(whole##V##_f32_u16, V, VT, VI, VAL_F32, COL_U16, 4, 2, 1)                                            \
+  ENTRY(entry##V##_f32_i32, V, VT, VI, VAL_F32, COL_I32, 4, 4, 0)                                      \
+  ENTRY(entry##V##_bf16_i32, V, VT, VI, VAL_BF16, COL_I32, 2, 4, 0)                                    \
+  ENTRY(entry##V##_f32_u16, V, VT, VI, VAL_F32, COL_U16, 4, 2, 0)                                      \
+  ENTRY(entry##V##_bf16_u16, V, VT, VI, VAL_BF16, COL_U16, 2, 2, 0)                                    \
+  ENTRY(whole##V##_f32_i32, V, VT, VI, VAL_F32, COL_I32, 4, 4, 1)                                      \
+  ENTRY(whole##V##_bf16_i32, V, VT, VI, VAL_BF16, COL_I32, 2, 4, 1)                                    \
+  ENTRY(whole##V##_f32_u16, V, VT, VI, VAL_F32, COL_U16, 4, 2, 1)                                      \
   ENTRY(whole##V##_bf16_u16, V, VT, VI, VAL_BF16, COL_U16, 2, 2, 1)
 typedef float v2f __attribute__((vector_size(2 * sizeof(float)), aligned(sizeof(float))));
 typedef float v4f __attribute__((vector_size(4 * sizeof(float)), aligned(sizeof(float))));
 typedef float v8f __attribute__((vector_size(8 * sizeof(float)), aligned(sizeof(float))));
 typedef float v16f __attribute__((vector_size(16 * sizeof(float)), aligned(sizeof(float))));
-typedef float v32f __attribute__((vector_size(32 * sizeof(float)), aligned(sizeof(float))));
 typedef int32_t v2i __attribute__((vector_size(2 * sizeof(int32_t))));
 typedef int32_t v4i __attribute__((vector_size(4 * sizeof(int32_t))));
 typedef int32_t v8i __attribute__((vector_size(8 * sizeof(int32_t))));
 typedef int32_t v16i __attribute__((vector_size(16 * sizeof(int32_t))));
-typedef int32_t v32i __attribute__((vector_size(32 * sizeof(int32_t))));
 ENTRIES(2, v2f, v2i)
 ENTRIES(4, v4f, v4i)
 ENTRIES(8, v8f, v8i)
 ENTRIES(16, v16f, v16i)
-ENTRIES(32, v32f, v32i)
 
 /* One row's sum over the non-zeros [b, e) of an output row: Σ_j val[j] · xr[col[j]], its input xr contiguous.
  * A single row's delta is little work per byte read, and its reads wait on memory: the values and columns
@@ -187,15 +185,15 @@ ROW(row_bf16_i32, dot1_bf16_i32)
 ROW(row_f32_u16, dot1_f32_u16)
 ROW(row_bf16_u16, dot1_bf16_u16)
 
-/* By kind (BF16 | COL16), and for the entries by width 2, 4, 8, 16, 32. */
+/* By kind (BF16 | COL16), and for the entries by width 2, 4, 8, 16. */
 typedef void (*row_fn)(const csr_t *, int64_t, int64_t, const float *, float *);
 typedef void (*entry_fn)(const csr_t *, uint32_t, int64_t, int64_t, const float *, float *, int, int);
 static const row_fn ROWS[4] = {row_f32_i32, row_bf16_i32, row_f32_u16, row_bf16_u16};
 #define BY_KIND(P, V) {P##V##_f32_i32, P##V##_bf16_i32, P##V##_f32_u16, P##V##_bf16_u16}
 /* [whole block][log2(width) - 1][kind] */
-static const entry_fn ENTRY_FNS[2][5][4] = {
-    {BY_KIND(entry, 2), BY_KIND(entry, 4), BY_KIND(entry, 8), BY_KIND(entry, 16), BY_KIND(entry, 32)},
-    {BY_KIND(whole, 2), BY_KIND(whole, 4), BY_KIND(whole, 8), BY_KIND(whole, 16), BY_KIND(whole, 32)}};
+static const entry_fn ENTRY_FNS[2][4][4] = { /* (a window of 32 lanes runs as two of 16: run_block) */
+    {BY_KIND(entry, 2), BY_KIND(entry, 4), BY_KIND(entry, 8), BY_KIND(entry, 16)},
+    {BY_KIND(whole, 2), BY_KIND(whole, 4), BY_KIND(whole, 8), BY_KIND(whole, 16)}};
 
 #define MAX_ROWS 32 /* rows in a block */
 #define HALF_ROWS 64 /* stored rows a window of 32 lanes runs as two halves over */
