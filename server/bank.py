@@ -28,6 +28,8 @@ A state is immutable once built; registering a task builds a new state off the e
 swaps it in between two steps; a request keeps the route it was admitted with."""
 from __future__ import annotations
 
+import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,7 +40,7 @@ from adapters_store import LowRankDelta, SparseDelta
 
 from .kernels import Linear
 from .merged import MergedRoutes
-from .sparse_kernel import COL16_MAX, SparseDeltaKernel, kernel_rows
+from .sparse_kernel import COL16_MAX, ROW_PAD, SparseDeltaKernel, kernel_rows
 
 BASE = "@base"
 STACK = "@stack"
@@ -172,18 +174,35 @@ def group_delta(parts: dict[str, Stored], group: Group, device=None, dense_above
         for name, p in sparse.items():
             dense[offsets[name]:offsets[name] + p.shape[0]] = p.to_dense()
         return GroupDelta(shape=(d_out, d_in), nnz=nnz, dense=dense.to(device))
-    rows, cols, vals = [], [], []
+    # in numpy, on the calling thread: on SmolLM2's q/k/v groups torch's per-op overhead made this 5x slower
+    counts = np.zeros(d_out, dtype=np.int64)  # (Σ d_out,) non-zeros per row
+    cols, vals = [], []
     for name in layers:  # layer order: rows ascend, and columns ascend within a row (flat positions ascend)
         if name in sparse:
             p = sparse[name]
-            row, col = np.divmod(p.indices.numpy(), d_in)  # (numpy: on the calling thread)
-            rows.append(torch.from_numpy(row.astype(np.int64) + offsets[name]))
-            cols.append(torch.from_numpy(col.astype(np.int32)))
+            row, col = np.divmod(p.indices.numpy(), d_in)  # (nnz_l,) each
+            counts[offsets[name]:offsets[name] + p.shape[0]] = np.bincount(row, minlength=p.shape[0])
+            cols.append(col)
             vals.append(p.values)
-    crow = torch.zeros(d_out + 1, dtype=torch.int64)
-    crow[1:] = torch.cumsum(torch.bincount(torch.cat(rows), minlength=d_out), 0)
-    served = served_form(crow, torch.cat(cols), torch.cat(vals), d_in, device)
+    crow = np.zeros(d_out + 1, dtype=np.int64)
+    np.cumsum(counts, out=crow[1:])
+    served = served_form(torch.from_numpy(crow), torch.from_numpy(np.concatenate(cols)), _cat_values(vals), d_in,
+                         device)
     return GroupDelta(shape=(d_out, d_in), nnz=nnz, **served)
+
+
+def float32_values(values: torch.Tensor) -> np.ndarray:
+    """fp32 numpy values of an fp32 or bf16 CPU tensor (bf16 widened by a shift: it is the upper half of an fp32)."""
+    if values.dtype == torch.bfloat16:
+        return (values.view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return values.float().numpy()
+
+
+def _cat_values(parts: list[torch.Tensor]) -> torch.Tensor:
+    """(Σ n,) the parts' values one after the other: bf16 if all are, else fp32 (numpy: no torch op)."""
+    if all(v.dtype == torch.bfloat16 for v in parts):
+        return torch.from_numpy(np.concatenate([v.view(torch.int16).numpy() for v in parts])).view(torch.bfloat16)
+    return torch.from_numpy(np.concatenate([float32_values(v) for v in parts]))
 
 
 def served_form(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, d_in: int, device=None) -> dict:
@@ -195,8 +214,8 @@ def served_form(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, d_in: 
     Elsewhere the rows in order, int32 columns and the values as stored (bf16 if all are), which the Triton
     kernel widens itself."""
     if device is None or torch.device(device).type == "cpu":
-        col = col.to(torch.int16) if d_in <= COL16_MAX else col.to(torch.int32)
-        crow, col, val, perm = kernel_rows(crow, col, val.float())
+        col = torch.from_numpy(col.numpy().astype(np.int16 if d_in <= COL16_MAX else np.int32))
+        crow, col, val, perm = kernel_rows(crow, col, torch.from_numpy(float32_values(val)))
         return {"crow": crow, "col": col, "val": val, "perm": perm}
     return {"crow": crow.to(torch.int32).to(device), "col": col.to(torch.int32).to(device),
             "val": (val if val.dtype == torch.bfloat16 else val.float()).to(device)}
@@ -208,12 +227,14 @@ class Adapter:
     weights W + Σ of the adapted layers, whose fused products are packed on first use."""
 
     name: str
-    groups: dict[tuple[str, ...], GroupDelta]  # group layers -> delta
+    groups: Mapping[tuple[str, ...], GroupDelta]  # group layers -> delta (``Groups``: built on first use)
     merged: dict[str, torch.Tensor] | None = None  # @stack: layer -> W + Σ deltas
     _linears: dict = field(default_factory=dict, repr=False)
 
     @property
     def nbytes(self) -> int:
+        if isinstance(self.groups, Groups):
+            return self.groups.nbytes  # (what it serves once every group is built)
         return sum(g.nbytes for g in self.groups.values())
 
     def merged_linear(self, layers: tuple[str, ...], base: Linear) -> Linear:
@@ -230,12 +251,71 @@ def make_adapter(name: str, deltas: dict[str, Stored], layout: list[Group], devi
                  dense_above: float = DENSE_ABOVE) -> Adapter:
     """An adapter from its layers' deltas, grouped by the model's projection groups (``layout``); layers in no
     group are not served (the caller checks that there are none)."""
-    groups = {}
+    lazy = device is None or torch.device(device).type == "cpu"
+    built, pending = {}, {}
     for layers, widths in layout:
         parts = {name_: deltas[name_] for name_ in layers if name_ in deltas}
-        if parts:
-            groups[layers] = group_delta(parts, (layers, widths), device, dense_above)
-    return Adapter(name, groups)
+        if not parts:
+            continue
+        if lazy and all(isinstance(p, SparseDelta) for p in parts.values()):
+            pending[layers] = (parts, (layers, widths))
+        else:
+            built[layers] = group_delta(parts, (layers, widths), device, dense_above)
+    return Adapter(name, Groups(built, pending, dense_above))
+
+
+class Groups(Mapping):
+    """An adapter's group deltas (layers -> ``GroupDelta``), each of the pending ones built from its layers'
+    stored sparse deltas on first use, on CPU. A start-up then reads and checks 1,000 adapters without serving
+    any: building the served form is a third of loading one (about 13 ms for SmolLM2 q/v adapters of the
+    default size), and each adapter's first forward pays it once. Until then an adapter holds its stored
+    deltas, 6 bytes a non-zero, as its served form does. Thread-safe: the engine builds, the registry may read."""
+
+    def __init__(self, built: dict, pending: dict, dense_above: float = DENSE_ABOVE):
+        self._built = dict(built)
+        self._pending = dict(pending)  # layers -> (parts, group), until built
+        self._keys = list(built) + list(pending)
+        self._dense_above = dense_above
+        self._lock = threading.Lock()
+        self.nbytes = sum(g.nbytes for g in built.values()) + sum(
+            served_nbytes(parts, group, dense_above) for parts, group in pending.values())
+
+    def __getitem__(self, layers: tuple[str, ...]) -> GroupDelta:
+        delta = self._built.get(layers)
+        if delta is None:
+            with self._lock:
+                delta = self._built.get(layers)
+                if delta is None:
+                    parts, group = self._pending[layers]  # (KeyError: not a group it adapts)
+                    delta = self._built[layers] = group_delta(parts, group, None, self._dense_above)
+                    del self._pending[layers]
+        return delta
+
+    def __contains__(self, layers: object) -> bool:
+        return layers in self._built or layers in self._pending
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def stored(self, layers: tuple[str, ...]) -> dict[str, SparseDelta] | None:
+        """A pending group's stored deltas (layer -> delta), or None once it is built."""
+        with self._lock:
+            pending = self._pending.get(layers)
+        return None if pending is None else pending[0]
+
+
+def served_nbytes(parts: dict[str, SparseDelta], group: Group, dense_above: float = DENSE_ABOVE) -> int:
+    """The bytes ``group_delta`` will hold for a group of stored sparse deltas on CPU (``GroupDelta.nbytes``)."""
+    d_out, d_in = sum(group[1]), next(iter(parts.values())).shape[1]
+    nnz = sum(p.nnz for p in parts.values())
+    if nnz > dense_above * sum(p.shape[0] * p.shape[1] for p in parts.values()):
+        return 2 * 4 * d_out * d_in
+    lengths = [np.bincount(p.indices.numpy() // d_in, minlength=p.shape[0]) for p in parts.values()]  # per row
+    stored = int(sum((-(-n // ROW_PAD) * ROW_PAD).sum() for n in lengths))  # padded (kernel_rows)
+    return stored * ((2 if d_in <= COL16_MAX else 4) + 4) + 4 * (d_out + 1) + 4 * d_out
 
 
 def make_stack(sums: dict[tuple[str, ...], np.ndarray], weights: dict[str, torch.Tensor],

@@ -18,10 +18,13 @@ import torch
 
 from adapters_store import AdapterStore, SparseDelta, StoreError
 
-from .bank import Adapter, BankState, Group, GroupDelta, TaskInfo, build_state, make_adapter, make_stack
+from .bank import (Adapter, BankState, Group, Groups, TaskInfo, build_state, float32_values, make_adapter,
+                   make_stack)
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+BATCH = 32  # tasks read, then added to the sums, at a time
 
 
 @dataclass(frozen=True)
@@ -35,39 +38,42 @@ class Loaded:
 Entries = dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]]  # group -> (flat positions int64, fp32 values)
 
 
-def _float32(values: torch.Tensor) -> np.ndarray:
-    """fp32 numpy values of an fp32 or bf16 tensor (bf16 widened by a shift: it is the upper half of an fp32)."""
-    if values.dtype == torch.bfloat16:
-        return (values.view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return values.float().numpy()
-
-
 def _stored_entries(deltas: dict, layout: list[Group]) -> Entries:
-    """A stored adapter's non-zero entries per projection group, without building anything: a layer's flat
-    position p in (d_out, d_in) is p + offset·d_in in the group's (Σ d_out, d_in). In numpy (see ``_sums``)."""
+    """A stored adapter's non-zero entries per projection group, without building anything."""
     out: Entries = {}
     for layers, widths in layout:
-        pos, val, offset = [], [], 0
-        for name, width in zip(layers, widths):
-            d = deltas.get(name)
-            if d is not None:
-                if isinstance(d, SparseDelta):
-                    p, v = d.indices.numpy().astype(np.int64), _float32(d.values)
-                else:
-                    dense = d.to_dense().reshape(-1).numpy()
-                    p = np.flatnonzero(dense)
-                    v = dense[p]
-                pos.append(p + offset * d.shape[1])
-                val.append(v)
-            offset += width
-        if pos:
-            out[layers] = (np.concatenate(pos), np.concatenate(val))
+        if any(name in deltas for name in layers):
+            out[layers] = _group_entries(deltas, layers, widths)
     return out
 
 
-def _entries(delta: GroupDelta) -> tuple[np.ndarray, np.ndarray]:
-    """A served group delta's non-zero entries: flat positions in (Σ d_out·d_in) (int64) and fp32 values, in
-    numpy (the rebuild after a deletion runs this for every served adapter)."""
+def _group_entries(deltas: dict, layers: tuple[str, ...], widths: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """One group's entries from its layers' stored deltas: a layer's flat position p in (d_out, d_in) is
+    p + offset·d_in in the group's (Σ d_out, d_in). In numpy (see ``_sums``)."""
+    pos, val, offset = [], [], 0
+    for name, width in zip(layers, widths):
+        d = deltas.get(name)
+        if d is not None:
+            if isinstance(d, SparseDelta):
+                p, v = d.indices.numpy().astype(np.int64), float32_values(d.values)
+            else:
+                dense = d.to_dense().reshape(-1).numpy()
+                p = np.flatnonzero(dense)
+                v = dense[p]
+            pos.append(p + offset * d.shape[1])
+            val.append(v)
+        offset += width
+    return np.concatenate(pos), np.concatenate(val)
+
+
+def _entries(adapter: Adapter, layers: tuple[str, ...], widths: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """A served adapter's non-zero entries over a group: flat positions in (Σ d_out·d_in) (int64) and fp32
+    values, in numpy (the rebuild after a deletion runs this for every served adapter), from its stored deltas
+    while the group is not built."""
+    stored = adapter.groups.stored(layers) if isinstance(adapter.groups, Groups) else None
+    if stored is not None:
+        return _group_entries(stored, layers, widths)
+    delta = adapter.groups[layers]
     if delta.kind == "sparse":
         rows, col, val = delta.entries()
         return rows * delta.shape[1] + col, val
@@ -85,6 +91,7 @@ class Registry:
         self.layer_shapes = {n: tuple(m.weight.shape) for n, m in linears.items()}
         self.weights = {n: m.weight for n, m in linears.items()}
         self.served_layers = {name for layers, _ in layout for name in layers}
+        self.widths = dict(layout)  # group layers -> each one's d_out
         self._loaded: dict[str, Loaded] = {}  # in registration order
         self._refused: dict[str, str] = {}  # name -> reason, so that a bad adapter is reported once
         self._lock = threading.Lock()
@@ -150,30 +157,43 @@ class Registry:
 
     # -- the @stack sums and overlap ----------------------------------------------------------------------------
 
-    def _add(self, loaded: Loaded) -> Loaded:
-        """Add a task's entries to the sums and the union; its overlap with the tasks added before it."""
-        overlapping = 0
-        entries = loaded.entries
-        for layers, delta in loaded.adapter.groups.items():
-            positions, values = entries[layers] if entries is not None else _entries(delta)
-            if layers not in self._sums:
-                self._sums[layers] = np.zeros(delta.shape, dtype=np.float32)
-                self._union[layers] = np.zeros(delta.shape[0] * delta.shape[1], dtype=bool)
-            union = self._union[layers]
-            overlapping += int(np.count_nonzero(union[positions]))
-            union[positions] = True
-            self._sums[layers].reshape(-1)[positions] += values  # (positions are distinct within an adapter)
-        self._newest = max(self._newest, loaded.info.order)
-        nz = loaded.info.nonzero
-        return replace(loaded, info=replace(loaded.info, overlap=overlapping / nz if nz else 0.0), entries=None)
+    def _add(self, batch: list[Loaded]) -> list[Loaded]:
+        """Add tasks' entries to the sums and the union, in the batch's order; each one's overlap with the tasks
+        added before it. Group by group over the whole batch: a group's sum and union (2.8 MB for a q/k/v group
+        of SmolLM2) then stay in the core's cache for every task of the batch, where task by task each one was
+        evicted before its next use (with ``np.add.at``, 11.5 -> 4.4 ms per task for 32 of the default size)."""
+        overlapping = [0] * len(batch)
+        groups = {layers: None for loaded in batch for layers in loaded.adapter.groups}  # in order, once each
+        for layers in groups:
+            widths = self.widths[layers]
+            for k, loaded in enumerate(batch):
+                if layers not in loaded.adapter.groups:
+                    continue
+                positions, values = (loaded.entries[layers] if loaded.entries is not None
+                                     else _entries(loaded.adapter, layers, widths))
+                if layers not in self._sums:
+                    shape = (sum(widths), self.layer_shapes[layers[0]][1])  # (Σ d_out, d_in)
+                    self._sums[layers] = np.zeros(shape, dtype=np.float32)
+                    self._union[layers] = np.zeros(shape[0] * shape[1], dtype=bool)
+                union = self._union[layers]
+                overlapping[k] += int(np.count_nonzero(union[positions]))
+                union[positions] = True
+                np.add.at(self._sums[layers].reshape(-1), positions, values)  # (distinct positions: one add each)
+        out = []
+        for loaded, overlap in zip(batch, overlapping):
+            self._newest = max(self._newest, loaded.info.order)
+            nz = loaded.info.nonzero
+            out.append(replace(loaded, info=replace(loaded.info, overlap=overlap / nz if nz else 0.0), entries=None))
+        return out
 
     def _rebuild(self) -> None:
         """Sums, union and every overlap from the served tasks, in order (after a deletion)."""
         self._sums, self._union, self._newest = {}, {}, -1
         ordered = sorted(self._loaded.values(), key=_order)
         self._loaded = {}
-        for loaded in ordered:
-            self._loaded[loaded.info.name] = self._add(loaded)
+        for start in range(0, len(ordered), BATCH):
+            for loaded in self._add(ordered[start:start + BATCH]):
+                self._loaded[loaded.info.name] = loaded
 
     # -- refreshing ---------------------------------------------------------------------------------------------
 
@@ -216,20 +236,24 @@ class Registry:
             new = self._new_names(folders)
             # many at once (a start-up): read and build them two at a time (file reads, checksums and numpy let
             # go of the GIL), then resolve the routes and add to the sums in order
-            # (32 at a time, so that the entries waiting to be added stay few)
+            # (BATCH at a time, so that the entries waiting to be added stay few)
             with ThreadPoolExecutor(max_workers=2 if len(new) > 8 else 1) as pool:
-                for start in range(0, len(new), 32):
-                    chunk = new[start:start + 32]
+                for start in range(0, len(new), BATCH):
+                    chunk, batch = new[start:start + BATCH], []
                     for name, read in zip(chunk, pool.map(self._read, chunk)):
                         loaded = self._load(name, read)
                         if loaded is None:
                             continue
                         added = True
-                        if rebuild or loaded.info.order < self._newest:
-                            self._loaded[name] = loaded
+                        self._loaded[name] = loaded  # (a later task of the chunk may have it as a parent)
+                        newest = max([self._newest] + [b.info.order for b in batch])
+                        if rebuild or loaded.info.order < newest:
                             rebuild = True
                         else:
-                            self._loaded[name] = self._add(loaded)
+                            batch.append(loaded)
+                    if not rebuild:
+                        for loaded in self._add(batch):
+                            self._loaded[loaded.info.name] = loaded
             if not (added or gone) and self._version > 0:
                 return None
             if rebuild:

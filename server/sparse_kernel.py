@@ -58,13 +58,14 @@ def kernel_rows(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, chunk:
     r = starts.size - 1
     length = np.diff(starts)  # (R,)
     padded = -(-length // pad) * pad  # (R,)
-    perm = np.lexsort((padded, np.arange(r) // chunk))  # (R,) by chunk, then padded length (stable: then row)
+    # (R,) by chunk, then padded length (stable: then row)
+    perm = np.argsort((np.arange(r) // chunk) * (int(padded.max(initial=0)) + 1) + padded, kind="stable")
+    run = padded[perm]  # (R,) each stored row's padded length
     stored_crow = np.zeros(r + 1, dtype=np.int64)
-    np.cumsum(padded[perm], out=stored_crow[1:])
-    slot_row = np.repeat(np.arange(r), padded[perm])  # (nnz',) each slot's stored row
+    np.cumsum(run, out=stored_crow[1:])
     begin = starts[:-1][perm]  # (R,) each stored row's first entry in the given CSR
-    last = (begin + length[perm] - 1)[slot_row]  # (nnz',) its row's last entry
-    index = np.arange(stored_crow[-1]) + (begin - stored_crow[:-1])[slot_row]  # (nnz',) the entry it holds
+    index = np.arange(stored_crow[-1]) + np.repeat(begin - stored_crow[:-1], run)  # (nnz',) the entry it holds
+    last = np.repeat(begin + length[perm] - 1, run)  # (nnz',) its row's last entry
     pads = index > last
     np.minimum(index, last, out=index)  # a pad repeats its row's last entry, with a zero value
     bits = {2: torch.int16, 4: torch.int32}[val.element_size()]  # (numpy has no bf16: the values' bits)

@@ -203,6 +203,18 @@ def _sp(indices, values, shape=(2, 3)):
     return SparseDelta(shape, torch.tensor(indices, dtype=torch.int64), torch.tensor(values, dtype=torch.float32))
 
 
+def _bf16(indices, values, shape=(2, 3)):
+    return SparseDelta(shape, torch.tensor(indices, dtype=torch.int32), torch.tensor(values, dtype=torch.bfloat16))
+
+
+def test_extreme_finite_values_pass_the_finite_check(tmp_path):
+    """bf16 values are checked by their exponent bits: the largest and smallest finite ones are no infinity."""
+    big, tiny = torch.finfo(torch.bfloat16).max, torch.finfo(torch.bfloat16).smallest_normal
+    store = AdapterStore(tmp_path)
+    store.put("foo", {Q: sparse(1), V: _bf16([0, 1, 5], [-big, tiny / 4, big])}, meta())
+    assert torch.equal(store.get("foo").deltas[V].values.float(), torch.tensor([-big, tiny / 4, big]))
+
+
 @pytest.mark.parametrize(
     "delta, why",
     [
@@ -212,6 +224,9 @@ def _sp(indices, values, shape=(2, 3)):
         (_sp([-1, 0], [1.0, 2.0]), "out of range"),
         (_sp([0, 1], [1.0]), "values"),
         (_sp([0, 1], [1.0, float("inf")]), "finite"),
+        (_sp([0, 1], [float("nan"), 1.0]), "finite"),
+        (_bf16([0, 1], [1.0, float("nan")]), "finite"),
+        (_bf16([0, 1], [float("-inf"), 1.0]), "finite"),
         (SparseDelta((2, 3), torch.tensor([0, 1], dtype=torch.int16), torch.ones(2)), "dtype"),
         (SparseDelta((2, 3), torch.tensor([0, 1]), torch.ones(2, dtype=torch.float64)), "dtype"),
         (SparseDelta((2, 0), torch.tensor([], dtype=torch.int64), torch.ones(0)), "shape"),

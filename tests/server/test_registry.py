@@ -3,12 +3,13 @@ at a time (a deletion rebuilds them), and the adapters it refuses (over max_task
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from adapters_store import AdapterStore
-from server.bank import BASE, STACK
+from server.bank import BASE, DENSE_ABOVE, STACK, Groups, group_delta
 from server.metrics import Metrics
 from server.registry import Registry
 from server.runner import projection_layout
@@ -115,3 +116,37 @@ def test_many_at_once_are_read_in_parallel_and_added_in_order(tiny_base, tmp_pat
     assert list(state.tasks) == [f"t{i}" for i in range(12)]
     assert [a.name for a in state.route("t5")] == ["t4", "t5"] and state.tasks["t6"].route == ("t6",)
     check(store, state, tiny_base)
+
+
+@pytest.mark.parametrize("density", [0.03, 0.2])  # served sparse (kernel rows), and dense above DENSE_ABOVE
+def test_groups_are_built_on_first_use_as_loading_would_build_them(tiny_base, tmp_path, density):
+    """A loaded adapter's groups wait as stored deltas; each one's first use builds what ``group_delta`` builds,
+    once even when two threads ask at the same time; its size is known before; a deletion's rebuild reads built
+    and pending groups alike."""
+    store = AdapterStore(tmp_path / "store")
+    for i in range(3):
+        put_task(store, f"t{i}", task_deltas(tiny_base.model, density, seed=80 + i), tiny_base.fingerprint, i)
+    registry = make_registry(tiny_base, store)
+    state = registry.refresh()
+    adapter = state.route("t0")[-1]
+    groups = adapter.groups
+    assert isinstance(groups, Groups) and len(groups) > 0
+    assert all(groups.stored(layers) is not None for layers in groups)  # nothing built by loading
+    size = adapter.nbytes
+    stored = store.get("t0").deltas
+    widths = dict(projection_layout(tiny_base.model))
+    with ThreadPoolExecutor(4) as pool:
+        for layers in groups:
+            built = list(pool.map(groups.__getitem__, [layers] * 8))
+            assert all(b is built[0] for b in built)
+            assert groups.stored(layers) is None and layers in groups
+            eager = group_delta({n: stored[n] for n in layers if n in stored}, (layers, widths[layers]))
+            assert built[0].kind == eager.kind == ("sparse" if density < DENSE_ABOVE else "dense")
+            for name in ("crow", "col", "val", "perm", "dense"):
+                a, b = getattr(built[0], name), getattr(eager, name)
+                assert (a is None and b is None) or torch.equal(a, b), name
+    assert sum(groups[layers].nbytes for layers in groups) == size == adapter.nbytes
+    with pytest.raises(KeyError):
+        groups[("no.such.layer",)]
+    store.trash("t1")  # t0 built, t2 pending
+    check(store, registry.refresh(), tiny_base)
