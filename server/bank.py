@@ -8,7 +8,7 @@ adapters are immutable and shared by every state and route that holds them.
 
 Representation. An adapter holds, per projection group (the layers of a block that share their input, such as
 q/k/v: ``server/runner.py``), one ``GroupDelta``: the group's layers' rows one after the other, (Σ d_out, d_in),
-in one of three forms, chosen when it is loaded:
+in one of three forms, chosen when it is built (on CPU at the adapter's first use: ``Groups``):
   * sparse (CSR; on CPU int16 columns and fp32 values, rows padded to a multiple of 4 non-zeros and stored by
     length within chunks of 64 rows, ``perm`` giving their output rows; elsewhere int32 columns and bf16 values
     as stored, rows in order: ``served_form``) up to ``DENSE_ABOVE`` density. On CPU in fp32 these go through
@@ -252,16 +252,16 @@ def make_adapter(name: str, deltas: dict[str, Stored], layout: list[Group], devi
     """An adapter from its layers' deltas, grouped by the model's projection groups (``layout``); layers in no
     group are not served (the caller checks that there are none)."""
     lazy = device is None or torch.device(device).type == "cpu"
-    built, pending = {}, {}
+    groups: dict = {}
     for layers, widths in layout:
         parts = {name_: deltas[name_] for name_ in layers if name_ in deltas}
         if not parts:
             continue
         if lazy and all(isinstance(p, SparseDelta) for p in parts.values()):
-            pending[layers] = (parts, (layers, widths))
+            groups[layers] = (parts, (layers, widths))  # built on first use
         else:
-            built[layers] = group_delta(parts, (layers, widths), device, dense_above)
-    return Adapter(name, Groups(built, pending, dense_above))
+            groups[layers] = group_delta(parts, (layers, widths), device, dense_above)
+    return Adapter(name, Groups(groups, dense_above))
 
 
 class Groups(Mapping):
@@ -271,14 +271,15 @@ class Groups(Mapping):
     default size), and each adapter's first forward pays it once. Until then an adapter holds its stored
     deltas, 6 bytes a non-zero, as its served form does. Thread-safe: the engine builds, the registry may read."""
 
-    def __init__(self, built: dict, pending: dict, dense_above: float = DENSE_ABOVE):
-        self._built = dict(built)
-        self._pending = dict(pending)  # layers -> (parts, group), until built
-        self._keys = list(built) + list(pending)
+    def __init__(self, groups: dict, dense_above: float = DENSE_ABOVE):
+        """groups: layers -> its GroupDelta, or (parts, group) for ``group_delta`` to build at its first use."""
+        self._keys = list(groups)
+        self._built = {k: g for k, g in groups.items() if isinstance(g, GroupDelta)}
+        self._pending = {k: g for k, g in groups.items() if not isinstance(g, GroupDelta)}  # until built
         self._dense_above = dense_above
         self._lock = threading.Lock()
-        self.nbytes = sum(g.nbytes for g in built.values()) + sum(
-            served_nbytes(parts, group, dense_above) for parts, group in pending.values())
+        self.nbytes = sum(g.nbytes for g in self._built.values()) + sum(
+            served_nbytes(parts, group, dense_above) for parts, group in self._pending.values())
 
     def __getitem__(self, layers: tuple[str, ...]) -> GroupDelta:
         delta = self._built.get(layers)

@@ -5,7 +5,11 @@ published to the engine and to the metrics.
 Registering one more task costs the same however many are served: the ``@stack`` sums and the union of the
 earlier tasks' non-zero positions (for the overlap figure) are kept per projection group and updated with the
 new task's entries alone. Only a deletion (or a task older than the newest, from another replica) rebuilds
-them from the served adapters."""
+them from the served adapters.
+
+Loading an adapter reads, verifies and lists its entries; its served form is built at its first use
+(``bank.Groups``). With 1,000 adapters of the default size, that took a start-up from 57.5 s of loading to 24.5 s
+(README, Scale)."""
 from __future__ import annotations
 
 import logging
@@ -234,9 +238,9 @@ class Registry:
                 rebuild = True
             added = False
             new = self._new_names(folders)
-            # many at once (a start-up): read and build them two at a time (file reads, checksums and numpy let
-            # go of the GIL), then resolve the routes and add to the sums in order
-            # (BATCH at a time, so that the entries waiting to be added stay few)
+            # many at once (a start-up): read them two at a time (file reads, checksums and numpy let go of the
+            # GIL), then resolve the routes and add to the sums in order, BATCH at a time (so that the entries
+            # waiting to be added stay few, and the sums are added group by group: ``_add``)
             with ThreadPoolExecutor(max_workers=2 if len(new) > 8 else 1) as pool:
                 for start in range(0, len(new), BATCH):
                     chunk, batch = new[start:start + BATCH], []

@@ -52,8 +52,8 @@ def kernel_rows(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, chunk:
     halves the time per non-zero with the delta in cache, and takes a quarter off it from memory (a branch
     mispredicted at the end of nearly every row of ~20 non-zeros cost as much as the multiply-adds). Returns
     (crow (R + 1,) int32, col, val in their dtypes, perm (R,) int32: stored row o holds output row perm[o], a
-    row of the same chunk). In numpy: about 0.2 ms for a q/k/v group of SmolLM2 (registering 1,000 adapters
-    builds 30,000)."""
+    row of the same chunk). In numpy: about 0.2 ms for a q/k/v group of SmolLM2, built at an adapter's first
+    use (``bank.Groups``), not when it is loaded."""
     starts = crow.numpy().astype(np.int64)  # (R + 1,)
     r = starts.size - 1
     length = np.diff(starts)  # (R,)

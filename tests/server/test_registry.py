@@ -134,7 +134,9 @@ def test_groups_are_built_on_first_use_as_loading_would_build_them(tiny_base, tm
     assert all(groups.stored(layers) is not None for layers in groups)  # nothing built by loading
     size = adapter.nbytes
     stored = store.get("t0").deltas
-    widths = dict(projection_layout(tiny_base.model))
+    layout = projection_layout(tiny_base.model)
+    assert list(groups) == [layers for layers, _ in layout if any(n in stored for n in layers)]  # model order
+    widths = dict(layout)
     with ThreadPoolExecutor(4) as pool:
         for layers in groups:
             built = list(pool.map(groups.__getitem__, [layers] * 8))
