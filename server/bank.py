@@ -64,7 +64,9 @@ class GroupDelta:
     perm: torch.Tensor | None = None  # (Σ d_out,) int32         } perm[o]; perm None: rows in order, no padding
     dense: torch.Tensor | None = None  # (Σ d_out, d_in) fp32; its product is packed on first use
     lowrank: tuple[torch.Tensor, torch.Tensor] | None = None  # A (R, d_in), B (Σ d_out, R) with the scale in B
-    _lazy: dict = field(default_factory=dict, repr=False)  # torch's CSR, perm's inverse, the dense product: lazily
+    # made lazily: torch's CSR, perm's inverse, the dense product, the kernel's table entry (not an init field:
+    # dataclasses.replace gives a copy its own)
+    _lazy: dict = field(default_factory=dict, init=False, repr=False)
 
     @property
     def kind(self) -> str:

@@ -219,3 +219,22 @@ def test_no_compiler_or_a_failing_one_falls_back_with_the_reason(tmp_path, caplo
         assert sk.load(tmp_path / "k", compiler=str(failing)) is None
     assert "out of luck" in caplog.text
     assert not list((tmp_path / "k").iterdir())  # nothing half-written is left for a later start
+
+
+def test_a_deltas_table_entry_is_checked_once_and_kept_with_it(sparse_kernel):
+    """A batch whose rows change prepares its tables again: each delta's entry is made once and kept with the
+    delta, whatever table it goes into; a copy with other values (``dataclasses.replace``) gets its own."""
+    g = torch.Generator().manual_seed(5)
+    (a, dense_a), (b, dense_b) = _delta(70, 9, 0.3, g), _delta(70, 9, 0.3, g)
+    sparse_kernel.prepare([a, b])
+    entry = a._lazy["kernel_entry"]
+    assert entry.val == a.val.data_ptr() and entry.perm == a.perm.data_ptr()
+    doubled = dataclasses.replace(a, val=a.val * 2)
+    assert "kernel_entry" not in doubled._lazy
+    group = sparse_kernel.prepare([b, doubled, a])
+    assert a._lazy["kernel_entry"] is entry and doubled._lazy["kernel_entry"].val == doubled.val.data_ptr()
+    x = torch.randn(3, 9, generator=g)
+    y = torch.zeros(3, 70)
+    sparse_kernel.add(group, [0, 1, 2, 3], [2, 1, 0], x, y)  # row 2: b, row 1: a doubled, row 0: a
+    want = torch.stack([x[0] @ dense_a.T, 2 * x[1] @ dense_a.T, x[2] @ dense_b.T])
+    assert torch.allclose(y, want, atol=1e-5)
