@@ -270,14 +270,18 @@ class JobManager:
 
     def _recover(self) -> None:
         """A job recorded as running while no trainer holds the lock was interrupted: mark it failed
-        (``interrupted``), unless its adapter made it into the store."""
+        (``interrupted``), unless its adapter made it into the store; then it ends as a finished worker's job
+        does, succeeded only if the adapter is served (with the metrics its manifest keeps)."""
         for job in self.files.load_all():
             if job.status == "running":
                 if self._stored_by(job):
-                    job.status, job.error = "succeeded", None
-                    threading.Thread(target=run_isolated, args=(self.register,), daemon=True).start()
-                else:
-                    job.status, job.error = "failed", "interrupted"
+                    try:
+                        metrics = self.store_manifest(job.task).get("metrics", {})
+                    except Exception:
+                        metrics = {}
+                    self._register(job, {"metrics": metrics if isinstance(metrics, dict) else {}})
+                    continue
+                job.status, job.error = "failed", "interrupted"
                 job.finished_at = job.finished_at or _now()
                 self._save(job)
                 self.files.remove(job.id, ".jsonl")

@@ -267,6 +267,30 @@ def test_a_stored_adapter_the_registry_refuses_fails_the_job(harness):
     assert served.status == "succeeded" and served.error is None and served.metrics == {"rows": 2}
 
 
+def test_a_restart_ends_a_stored_running_job_as_served_or_refused(harness):
+    """A server that died after its worker stored the adapter: the next trainer ends the job as a finished
+    worker's, succeeded only if the registry serves the adapter, with the metrics its manifest keeps."""
+    h = harness()
+    jobs = {}
+    for task in ("served", "refused"):
+        job = h.manager.submit(task, ROWS, {})
+        job.status = "running"
+        h.files.save(job)  # as the dead trainer left it
+        (h.store / task).mkdir()
+        (h.store / task / "manifest.json").write_text(json.dumps({"job_id": job.id, "metrics": {"rows": 2}}))
+        jobs[task] = job.id
+    h.refused["refused"] = "it was trained on 'gone', which is not served"
+    h.manager.start()
+    served, refused = h.manager.get(jobs["served"]), h.manager.get(jobs["refused"])
+    assert served.status == "succeeded" and served.error is None and served.metrics == {"rows": 2}
+    assert refused.status == "failed"
+    assert refused.error == "the adapter was stored but is not served: it was trained on 'gone', which is not served"
+    assert len(h.registered) == 2
+    on_disk = {j.id: j for j in h.files.load_all()}
+    assert on_disk[jobs["served"]].status == "succeeded" and on_disk[jobs["refused"]].status == "failed"
+    assert not list(h.files.root.glob("*.jsonl"))  # their datasets are gone
+
+
 def test_job_errors_are_short_and_the_log_keeps_the_details(harness, caplog, tmp_path):
     from server.worker import user_message
 
