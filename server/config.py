@@ -64,7 +64,7 @@ class Settings(BaseSettings):
                                       "processes sharing the store registered")
     train_threads: int = Field(1, ge=1, description="torch threads of the training worker (the rest serve)")
     max_tasks: int = Field(2000, ge=1, le=1_000_000, description="task adapters one server holds; learning one "
-                           "more is refused with 507 (at the default size, about 3.7 MB of memory each on CPU)")
+                           "more is refused with 507 (at the default size, about 3.2 MB of memory each on CPU)")
     api_key: SecretStr | None = Field(None, description="bearer key for generate and listing routes (unset: open)")
     admin_key: SecretStr | None = Field(None, description="bearer key for learning, cancelling, deleting, export")
     metrics_auth: bool = Field(False, description="require a key on /metrics too (the read or the admin key)")
