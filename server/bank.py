@@ -40,7 +40,7 @@ from adapters_store import LowRankDelta, SparseDelta
 
 from .kernels import Linear
 from .merged import MergedRoutes
-from .sparse_kernel import COL16_MAX, ROW_PAD, SparseDeltaKernel, kernel_rows
+from .sparse_kernel import COL16_MAX, SparseDeltaKernel, kernel_rows, padded_lengths
 
 BASE = "@base"
 STACK = "@stack"
@@ -170,27 +170,36 @@ def group_delta(parts: dict[str, Stored], group: Group, device=None, dense_above
     sparse = {name: p if isinstance(p, SparseDelta) else SparseDelta.from_dense(p.to_dense())
               for name, p in parts.items()}
     nnz = sum(p.nnz for p in sparse.values())
-    area = sum(p.shape[0] * p.shape[1] for p in sparse.values())
-    if nnz > dense_above * area:
+    if _served_dense(sparse, dense_above):
         dense = torch.zeros(d_out, d_in)
         for name, p in sparse.items():
             dense[offsets[name]:offsets[name] + p.shape[0]] = p.to_dense()
         return GroupDelta(shape=(d_out, d_in), nnz=nnz, dense=dense.to(device))
     # in numpy, on the calling thread: on SmolLM2's q/k/v groups torch's per-op overhead made this 5x slower
-    counts = np.zeros(d_out, dtype=np.int64)  # (Σ d_out,) non-zeros per row
-    cols, vals = [], []
-    for name in layers:  # layer order: rows ascend, and columns ascend within a row (flat positions ascend)
-        if name in sparse:
-            p = sparse[name]
-            row, col = np.divmod(p.indices.numpy(), d_in)  # (nnz_l,) each
-            counts[offsets[name]:offsets[name] + p.shape[0]] = np.bincount(row, minlength=p.shape[0])
-            cols.append(col)
-            vals.append(p.values)
+    # (layer order: rows ascend, and columns ascend within a row: flat positions ascend)
+    cols = [sparse[name].indices.numpy() % d_in for name in layers if name in sparse]
+    vals = [sparse[name].values for name in layers if name in sparse]
     crow = np.zeros(d_out + 1, dtype=np.int64)
-    np.cumsum(counts, out=crow[1:])
+    np.cumsum(_row_counts(sparse, group), out=crow[1:])
     served = served_form(torch.from_numpy(crow), torch.from_numpy(np.concatenate(cols)), _cat_values(vals), d_in,
                          device)
     return GroupDelta(shape=(d_out, d_in), nnz=nnz, **served)
+
+
+def _served_dense(sparse: dict[str, SparseDelta], dense_above: float) -> bool:
+    """Whether a group of sparse deltas is served dense: more non-zeros than ``dense_above`` of their entries."""
+    return sum(p.nnz for p in sparse.values()) > dense_above * sum(p.shape[0] * p.shape[1] for p in sparse.values())
+
+
+def _row_counts(sparse: dict[str, SparseDelta], group: Group) -> np.ndarray:
+    """(Σ d_out,) int64 the non-zeros of each row of a group of sparse deltas, its layers one after the other."""
+    counts, start = np.zeros(sum(group[1]), dtype=np.int64), 0
+    for name, width in zip(*group):
+        if name in sparse:
+            p = sparse[name]
+            counts[start:start + p.shape[0]] = np.bincount(p.indices.numpy() // p.shape[1], minlength=p.shape[0])
+        start += width
+    return counts
 
 
 def float32_values(values: torch.Tensor) -> np.ndarray:
@@ -313,11 +322,9 @@ class Groups(Mapping):
 def served_nbytes(parts: dict[str, SparseDelta], group: Group, dense_above: float = DENSE_ABOVE) -> int:
     """The bytes ``group_delta`` will hold for a group of stored sparse deltas on CPU (``GroupDelta.nbytes``)."""
     d_out, d_in = sum(group[1]), next(iter(parts.values())).shape[1]
-    nnz = sum(p.nnz for p in parts.values())
-    if nnz > dense_above * sum(p.shape[0] * p.shape[1] for p in parts.values()):
+    if _served_dense(parts, dense_above):
         return 2 * 4 * d_out * d_in
-    lengths = [np.bincount(p.indices.numpy() // d_in, minlength=p.shape[0]) for p in parts.values()]  # per row
-    stored = int(sum((-(-n // ROW_PAD) * ROW_PAD).sum() for n in lengths))  # padded (kernel_rows)
+    stored = int(padded_lengths(_row_counts(parts, group)).sum())  # non-zeros with kernel_rows' padding
     return stored * ((2 if d_in <= COL16_MAX else 4) + 4) + 4 * (d_out + 1) + 4 * d_out
 
 

@@ -274,11 +274,9 @@ class JobManager:
         does, succeeded only if the adapter is served (with the metrics its manifest keeps)."""
         for job in self.files.load_all():
             if job.status == "running":
-                if self._stored_by(job):
-                    try:
-                        metrics = self.store_manifest(job.task).get("metrics", {})
-                    except Exception:
-                        metrics = {}
+                manifest = self._stored_by(job)
+                if manifest is not None:
+                    metrics = manifest.get("metrics", {})
                     self._register(job, {"metrics": metrics if isinstance(metrics, dict) else {}})
                     continue
                 job.status, job.error = "failed", "interrupted"
@@ -287,11 +285,16 @@ class JobManager:
                 self.files.remove(job.id, ".jsonl")
         self._reload()
 
-    def _stored_by(self, job: Job) -> bool:
+    def _stored_by(self, job: Job) -> dict | None:
+        """The manifest of the job's adapter if this job stored it, else None."""
         try:
-            return self.store_exists(job.task) and self.store_manifest(job.task).get("job_id") == job.id
+            if self.store_exists(job.task):
+                manifest = self.store_manifest(job.task)
+                if manifest.get("job_id") == job.id:
+                    return manifest
         except Exception:
-            return False
+            pass
+        return None
 
     def _save(self, job: Job) -> None:
         """Write the record; if the store cannot be written (full, read-only), keep the state in memory, where
@@ -557,7 +560,7 @@ class JobManager:
         with self._lock:
             self._proc = None
         cancelled = self.files.cancel_path(job.id).exists()
-        if self._stored_by(job):  # the adapter is in the store: the job succeeded (even if a cancel came late)
+        if self._stored_by(job) is not None:  # the adapter is in the store: succeeded (even if a cancel came late)
             self._register(job, result or {})
             return
         if cancelled:

@@ -43,6 +43,11 @@ class _CSR(ctypes.Structure):
                 ("kind", ctypes.c_int64)]  # 1: bf16 values (else fp32); 2: 16-bit columns (else int32)
 
 
+def padded_lengths(lengths: np.ndarray, pad: int = ROW_PAD) -> np.ndarray:
+    """Stored rows' non-zeros as ``kernel_rows`` pads them: each up to a multiple of ``pad``."""
+    return -(-lengths // pad) * pad
+
+
 def kernel_rows(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, chunk: int = ROW_CHUNK,
                 pad: int = ROW_PAD) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A CSR delta (crow (R + 1,), col (nnz,), val (nnz,) of 2 or 4 bytes, on CPU) as the kernel reads it
@@ -57,7 +62,7 @@ def kernel_rows(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, chunk:
     starts = crow.numpy().astype(np.int64)  # (R + 1,)
     r = starts.size - 1
     length = np.diff(starts)  # (R,)
-    padded = -(-length // pad) * pad  # (R,)
+    padded = padded_lengths(length, pad)  # (R,)
     # (R,) by chunk, then padded length (stable: then row)
     perm = np.argsort((np.arange(r) // chunk) * (int(padded.max(initial=0)) + 1) + padded, kind="stable")
     run = padded[perm]  # (R,) each stored row's padded length
