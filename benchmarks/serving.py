@@ -6,7 +6,7 @@ model with static batches of the same sizes and the same requests. The adapters 
 trainer with its default config (``benchmarks/trained.py``: a few steps each; the budget gate makes their size
 that of any longer run), made once and kept in the cache folder.
 
-    python -m benchmarks.serving [--model PATH] [--concurrency 1 8 16 32] [--requests-per-stream 4] [--repeat 3]
+    python -m benchmarks.serving [--model PATH] [--concurrency 1 8 16 32] [--requests-per-stream 2] [--repeat 7]
 
 Every request is greedy and has its own max_new_tokens (drawn from --min-new..--max-new, seeded). With
 --workload fixed (default) it generates exactly that many tokens (end-of-sequence ignored, so that every run
@@ -19,6 +19,14 @@ does, only the tokens each request asked for.
 The server cases run interleaved (at each concurrency: (a), (b), (m), (c), then again, ``--repeat`` times), so
 that a slow stretch of a shared machine hits every case alike; the table gives each case's median over the
 repeats and the range of its tokens/s. The anchor runs once per batch size.
+
+Below the table, each case's ratio to ``@base`` at each concurrency: the ratio of the medians, and the paired
+ratio: repeat by repeat, the case's tokens/s over the geometric mean of the two ``@base`` runs that bracket it in
+time (that of its own repeat, just before it, and that of the next repeat, just after; the last repeat has only
+the one before), with the median of those. On a shared 2-core host the speed of identical work moves by about
+10 % from one case to the next; bracketing halves the weight of the ``@base`` side's share of that, and more
+short repeats beat fewer long ones for the same time, hence the defaults (``--requests-per-stream 2 --repeat
+7``, about 40 minutes at 1, 8, 16 and 32 streams on a 2-core CPU).
 """
 from __future__ import annotations
 
@@ -138,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32])
-    ap.add_argument("--requests-per-stream", type=int, default=4, help="requests = streams x this (at least 8)")
-    ap.add_argument("--repeat", type=int, default=3, help="runs of each server case at each concurrency")
+    ap.add_argument("--requests-per-stream", type=int, default=2, help="requests = streams x this (at least 8)")
+    ap.add_argument("--repeat", type=int, default=7, help="runs of each server case at each concurrency")
     ap.add_argument("--min-new", type=int, default=32)
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
@@ -270,15 +278,19 @@ def table(results: dict) -> str:
 
 
 def paired_ratios(results: dict) -> dict[tuple[str, int], list[float]]:
-    """Per (case, concurrency): each repeat's tokens/s over that of ``@base`` in the same repeat (the two ran
-    minutes apart at most), in repeat order."""
+    """Per (case, concurrency): each repeat's tokens/s over the geometric mean of the ``@base`` runs that bracket
+    it in time, ``@base`` of the same repeat (run just before the other cases) and of the next repeat (just after
+    them), or that of the same repeat alone in the last repeat; in repeat order."""
     base = {(r["concurrency"], r["repeat"]): r["tok_s"] for r in results["runs"] if r["case"] == "base"}
     out: dict[tuple[str, int], list[float]] = {}
     for r in results["runs"]:
-        if r["case"] not in ("base", "hf") and (r["concurrency"], r["repeat"]) in base:
-            out.setdefault((r["case"], r["concurrency"]), []).append(r["tok_s"] / base[(r["concurrency"], r["repeat"])])
+        key = (r["concurrency"], r["repeat"])
+        if r["case"] in ("base", "hf") or key not in base:
+            continue
+        after = base.get((r["concurrency"], r["repeat"] + 1))
+        bracket = math.sqrt(base[key] * after) if after is not None else base[key]
+        out.setdefault((r["case"], r["concurrency"]), []).append(r["tok_s"] / bracket)
     return out
-
 
 if __name__ == "__main__":
     sys.exit(main())

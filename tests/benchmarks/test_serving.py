@@ -20,8 +20,11 @@ def test_summary_takes_the_median_of_the_repeats_and_the_table_gives_the_ratios(
     assert rows["tasks"]["step_ms"] == 20.0
     table = serving.table({"runs": runs})
     assert "(b)/(a) at 8: 0.950" in table and "| 20.0 |" in table and "(b) 8-task chain" in table
-    # each repeat's ratio to @base in the same repeat, and their median
-    assert "(paired: median 0.825, repeats 0.950 0.667 0.825)" in table
+    # each repeat's ratio to the geometric mean of the @base runs before (same repeat) and after it (next repeat);
+    # the last repeat has only the one before: 95/sqrt(100*90), 60/sqrt(90*120), 99/120; and their median
+    assert "(paired: median 0.825, repeats 1.001 0.577 0.825)" in table
+    paired = serving.paired_ratios({"runs": runs})
+    assert list(paired) == [("tasks", 8)] and paired[("tasks", 8)][1] == pytest.approx(60.0 / (90.0 * 120.0) ** 0.5)
 
 
 def test_benchmark_runs_every_case_on_the_tiny_model(tiny_model_dir, tmp_path):
