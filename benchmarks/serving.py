@@ -26,7 +26,7 @@ time (that of its own repeat, just before it, and that of the next repeat, just 
 the one before), with the median of those. On a shared 2-core host the speed of identical work moves by about
 10 % from one case to the next; bracketing halves the weight of the ``@base`` side's share of that, and more
 short repeats beat fewer long ones for the same time, hence the defaults (``--requests-per-stream 2 --repeat
-7``, about 40 minutes at 1, 8, 16 and 32 streams on a 2-core CPU).
+7``: 40-50 minutes for the four cases at 1, 8, 16 and 32 streams on a 2-core CPU).
 """
 from __future__ import annotations
 
