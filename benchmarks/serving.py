@@ -24,9 +24,10 @@ Below the table, each case's ratio to ``@base`` at each concurrency: the ratio o
 ratio: repeat by repeat, the case's tokens/s over the geometric mean of the two ``@base`` runs that bracket it in
 time (that of its own repeat, just before it, and that of the next repeat, just after; the last repeat has only
 the one before), with the median of those. On a shared 2-core host the speed of identical work moves by about
-10 % from one case to the next; bracketing halves the weight of the ``@base`` side's share of that, and more
-short repeats beat fewer long ones for the same time, hence the defaults (``--requests-per-stream 2 --repeat
-7``: 40-50 minutes for the four cases at 1, 8, 16 and 32 streams on a 2-core CPU).
+10 % from one case to the next, whatever the cases' length; averaging the two bracketing ``@base`` runs takes
+part of that out (on the stored runs, ``@stack`` over ``@base``: 8.1 % spread instead of 9.7 %), and more short
+repeats beat fewer long ones for the same time, hence the defaults (``--requests-per-stream 2 --repeat 7``:
+40-50 minutes for the four cases at 1, 8, 16 and 32 streams on a 2-core CPU).
 """
 from __future__ import annotations
 
@@ -291,6 +292,7 @@ def paired_ratios(results: dict) -> dict[tuple[str, int], list[float]]:
         bracket = math.sqrt(base[key] * after) if after is not None else base[key]
         out.setdefault((r["case"], r["concurrency"]), []).append(r["tok_s"] / bracket)
     return out
+
 
 if __name__ == "__main__":
     sys.exit(main())
