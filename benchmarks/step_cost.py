@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         segments = {case: [(n, n + args.prompt, joining[case])] if args.prompt else [] for case in CASES}
         plans = {case: Plan(routes[case], segments[case], runner.device, tables) for case in CASES}
         tokens, positions = torch.full((n,), 200 % vocab), torch.full((n,), args.context)
+        chunks = [Chunk(n, [(300 + i) % vocab for i in range(args.prompt)], 0, True)] if args.prompt else []
 
         def step(case: str) -> None:
-            chunks = [Chunk(n, [(300 + i) % vocab for i in range(args.prompt)], 0, True)] if args.prompt else []
             runner.step(tokens, positions, chunks, plans[case])
 
         for case in CASES:  # warm-up: kernel tables, first touches
