@@ -49,6 +49,15 @@ def check(store, state, tiny_base):
         assert torch.allclose(state.stack.merged[layer], w + total, atol=1e-6), layer
 
 
+def check_gauges(registry: Registry, state) -> None:
+    """The per-task gauges show exactly the served tasks' figures (only changed series are set again)."""
+    metrics = registry.metrics.registry
+    for gauge, field in [("jumplora_adapter_density", "density"), ("jumplora_adapter_nonzero_params", "nonzero"),
+                         ("jumplora_adapter_overlap_ratio", "overlap")]:
+        shown = {s.labels["task"]: s.value for m in metrics.collect() if m.name == gauge for s in m.samples}
+        assert shown == pytest.approx({name: getattr(info, field) for name, info in state.tasks.items()}), gauge
+
+
 def test_registration_is_incremental_and_deletion_rebuilds(tiny_base, tmp_path, monkeypatch):
     store = AdapterStore(tmp_path / "store")
     registry = make_registry(tiny_base, store)
@@ -59,6 +68,7 @@ def test_registration_is_incremental_and_deletion_rebuilds(tiny_base, tmp_path, 
         put_task(store, f"t{i}", task_deltas(tiny_base.model, 0.2, seed=40 + i), tiny_base.fingerprint, i)
         state = registry.refresh()
         check(store, state, tiny_base)
+        check_gauges(registry, state)
     assert rebuilds == [] and list(state.tasks) == [f"t{i}" for i in range(5)]
     assert all(state.tasks[f"t{i}"].overlap > 0 for i in range(1, 5)) and state.tasks["t0"].overlap == 0
     assert registry.refresh() is None  # nothing changed
@@ -66,6 +76,7 @@ def test_registration_is_incremental_and_deletion_rebuilds(tiny_base, tmp_path, 
     state = registry.refresh()
     assert rebuilds == [1] and list(state.tasks) == ["t0", "t2", "t3", "t4"]
     check(store, state, tiny_base)  # overlaps now against the tasks still served
+    check_gauges(registry, state)  # t1's series gone, the later tasks' overlaps shown anew
     assert state.tasks["t4"].nbytes > 0 and state.route(BASE) == () and state.route(STACK) == (state.stack,)
 
 
