@@ -70,7 +70,8 @@ class ServerState:
                                  max_queue=s.max_queue, max_len=max_len, prefill_budget=s.prefill_budget,
                                  max_prompt_tokens=s.max_prompt_tokens, max_new_tokens=s.max_new_tokens_limit,
                                  sparse_kernel=kernel, cuda_graphs=s.cuda_graphs,
-                                 triton=s.sparse_kernel, merged_mb=s.merged_weights_mb)
+                                 triton=s.sparse_kernel, merged_mb=s.merged_weights_mb,
+                                 merged_min_steps=s.merged_weights_min_steps)
             self.jobs = JobManager(
                 JobFiles(self.store.root / ".jobs"), self._worker_command(), self.store.exists, self.store.manifest,
                 self._register, self.metrics,

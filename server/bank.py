@@ -433,7 +433,8 @@ class Plan:
     call per projection group, the others (and everything elsewhere) by one product per adapter."""
 
     def __init__(self, rows: list[Route], segments: list[tuple[int, int, Route]] = (), device=None,
-                 kernel: KernelTables | SparseDeltaKernel | None = None, merged: MergedRoutes | None = None):
+                 kernel: KernelTables | SparseDeltaKernel | None = None, merged: MergedRoutes | None = None,
+                 build_merged: bool = True):
         self.n = len(rows)
         if isinstance(kernel, SparseDeltaKernel):
             kernel = KernelTables(kernel)
@@ -445,7 +446,7 @@ class Plan:
             for adapter in route:
                 members.setdefault(id(adapter), (adapter, []))[1].extend(range(begin, end))
         # every position on the same route: its merged weights W + Σ serve it at the cost of @base, @stack's own
-        # or, given a cache of merged sets (fp32 on CPU: server/merged.py), the route's
+        # or, given a cache of merged sets (fp32 on CPU: server/merged.py), the route's (made if build_merged)
         positions = self.n + sum(end - begin for begin, end, _ in segments)  # @base's included
         one_route = bool(members) and all(len(p) == positions for _, p in members.values())
         held = tuple(a for a, _ in members.values())  # with one_route: that route's adapters
@@ -453,7 +454,7 @@ class Plan:
         if one_route and len(held) == 1 and held[0].merged is not None:
             self.merged = held[0]
         elif one_route and merged is not None:
-            self.merged = merged.get(held)
+            self.merged = merged.get(held, build_merged)
         self.members = [] if self.merged is not None else list(members.values())
         self.adapted = set().union(*(a.groups for a, _ in self.members)) if self.members else set()
         self._groups: dict[tuple[str, ...], tuple] = {}

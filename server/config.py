@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     merged_weights_mb: int = Field(1024, ge=0, description="on CPU in fp32, memory for routes' merged weights "
                                    "W + Σ Δ: a batch whose rows are all on one task runs at the cost of @base; "
                                    "about 66 MB a route for the default model, least recently used dropped; 0: off")
+    merged_weights_min_steps: int = Field(64, ge=0, description="build a route's merged weights (tens of ms, every "
+                                          "row waits) only for a batch that may run this many more steps (its "
+                                          "rows' largest max_new_tokens left); shorter ones run the route's deltas "
+                                          "or its cached merged weights; 0: always build")
     threads: int | None = Field(None, ge=1, description="torch threads for serving (unset: torch's choice)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     max_batch_size: int = Field(32, ge=1, le=1024, description="rows in the running batch")

@@ -131,7 +131,7 @@ class Engine:
     def __init__(self, runner: ModelRunner, tokenizer, state: BankState, metrics: Metrics, *, max_batch: int,
                  max_queue: int, max_len: int, prefill_budget: int = 512, max_prompt_tokens: int | None = None,
                  max_new_tokens: int | None = None, sparse_kernel: SparseDeltaKernel | None = None,
-                 cuda_graphs: bool = False, triton: bool = False, merged_mb: int = 0):
+                 cuda_graphs: bool = False, triton: bool = False, merged_mb: int = 0, merged_min_steps: int = 0):
         self.runner, self.tokenizer, self.metrics = runner, tokenizer, metrics
         self.max_batch, self.max_queue, self.max_len = max_batch, max_queue, max_len
         self.prefill_budget = prefill_budget
@@ -163,6 +163,7 @@ class Engine:
             self._kernel = KernelTables(triton_delta.TritonDeltas())
         # fp32 on CPU: a batch on one route runs on its merged weights, cached (server/merged.py)
         self._merged = None
+        self.merged_min_steps = merged_min_steps  # a route's merged weights are built only for a batch this long
         if merged_mb > 0 and runner.device.type == "cpu" and runner.dtype == torch.float32:
             self._merged = MergedRoutes(merged_mb << 20, merged_size, metrics)
         self._graphs = None  # on CUDA: decode steps without task adapters replayed from graphs
@@ -364,8 +365,9 @@ class Engine:
         positions = torch.tensor([seq.pos for seq in self._decoding], dtype=torch.long)
         routes = [seq.route for seq in self._decoding]
         try:
-            plan = (Plan(routes, segments, self.runner.device, self._kernel, self._merged) if segments
-                    else self._decode_plan(routes))
+            plan = (Plan(routes, segments, self.runner.device, self._kernel, self._merged,
+                         self._lasting(self._decoding + [seq for seq, _ in chunks]))
+                    if segments else self._decode_plan(routes))
             logits = self._graphs.run(tokens, positions, plan) if self._graphs is not None and not chunks else None
             if logits is not None:
                 chunk_logits = []
@@ -417,8 +419,15 @@ class Engine:
         """The decode rows' plan, kept while the batch's routes stay the same."""
         key = Plan.key(routes)
         if key != self._plan_key:
-            self._plan, self._plan_key = Plan(routes, (), self.runner.device, self._kernel, self._merged), key
+            self._plan, self._plan_key = Plan(routes, (), self.runner.device, self._kernel, self._merged,
+                                              self._lasting(self._decoding)), key
         return self._plan
+
+    def _lasting(self, seqs: list[Sequence]) -> bool:
+        """Whether a batch of ``seqs`` is to run ``merged_min_steps`` more steps (the most new tokens one of them
+        may still take): only then is a route's merged weights' build (tens of ms, stalling every row) worth it
+        (``server/merged.py``)."""
+        return any(seq.params.max_new_tokens - seq.generated >= self.merged_min_steps for seq in seqs)
 
     def _step_apart(self, tokens, positions, routes, chunks):
         """After a failed step: the decode rows in one forward (if that fails too, the engine loop fails them

@@ -24,10 +24,11 @@ def bank(tiny_base, tmp_path_factory):
 
 
 def make_engine(base, state, *, start=True, max_batch=8, max_queue=64, max_len=128, prefill_budget=256,
-                kernel=None, merged_mb=0):
+                kernel=None, merged_mb=0, merged_min_steps=0):
     runner = ModelRunner(base.model, max_rows=max_batch, max_len=max_len)
     engine = Engine(runner, base.tokenizer, state, Metrics(), max_batch=max_batch, max_queue=max_queue,
-                    max_len=max_len, prefill_budget=prefill_budget, sparse_kernel=kernel, merged_mb=merged_mb)
+                    max_len=max_len, prefill_budget=prefill_budget, sparse_kernel=kernel, merged_mb=merged_mb,
+                    merged_min_steps=merged_min_steps)
     if start:
         engine.start()
     return engine
@@ -105,6 +106,27 @@ def test_continuous_batching_matches_alone_and_merged_reference(tiny_base, bank,
         if merged_mb:  # every task's route ran alone on merged weights (@stack on its own)
             assert {tuple(a.name for a in e[0].route) for e in engine._merged._entries.values()} >= {
                 ("sparse-a",), ("dense-b",), ("lowrank-c",), ("sparse-a", "chain-d")}
+    finally:
+        engine.stop()
+
+
+def test_merged_weights_are_built_only_for_a_batch_that_lasts(tiny_base, bank, sparse_kernel):
+    """With merged_min_steps 20: a request alone that may take 6 tokens runs its route's deltas (no build),
+    one that may take 24 builds the route's merged weights, and a later short one on that route uses them.
+    Every answer is the merged reference's greedy text."""
+    state, refs = bank
+    engine = make_engine(tiny_base, state, kernel=sparse_kernel, merged_mb=64, merged_min_steps=20)
+
+    def built():
+        return [tuple(a.name for a in e[0].route) for e in engine._merged._entries.values()]
+
+    try:
+        for task, n, after in [("chain-d", 6, []), ("chain-d", 24, [("sparse-a", "chain-d")]),
+                               ("chain-d", 6, [("sparse-a", "chain-d")]), ("sparse-a", 6, [("sparse-a", "chain-d")])]:
+            tokens = run(engine, [(task, "a chained task", SamplingParams(max_new_tokens=n, ignore_eos=True))])[0][0]
+            assert built() == after, (task, n)
+            ref = reference_greedy(tiny_base, refs, task, "a chained task", n)  # (stops at an end of sequence)
+            assert tokens[:len(ref)] == ref, (task, n)
     finally:
         engine.stop()
 
