@@ -8,9 +8,10 @@ one projection group at a time (30-70 ms for a route of 1-8 adapters of the defa
 the packing), and packed as the base is (``server/kernels.py``). A build stalls every row of the batch, and
 one row's deltas cost little (40 µs a layer group for a route of 8 adapters, 1.2 ms a step): the engine builds
 a route's weights only when its batch is to run at least ``merged_weights_min_steps`` more steps (its rows'
-largest ``max_new_tokens`` left), and otherwise takes them from the cache or runs the deltas. Only whole routes: the adapters that a mixed batch's routes share (a chain's
-first tasks) change as requests come and go, and a build costs about as much as 100 decode steps' reads of
-the delta it would save.
+largest ``max_new_tokens`` left), and otherwise takes them from the cache or runs the deltas. Only whole
+routes: the adapters that a mixed batch's routes share (a chain's first tasks) change as requests come and go,
+and a build costs about as much as 100 decode steps' reads of the delta it would save (merging the adapters
+that most rows hold, and subtracting them from the rest, was measured too: README, Serving).
 
 Only in fp32 on CPU: in bf16 or fp16 the sum W + Δ would round most of a small delta away, and on CUDA the
 Triton kernel already reads all of a group's deltas in one launch. Memory: one merged copy of the adapted
