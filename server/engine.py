@@ -442,7 +442,7 @@ class Engine:
         for seq, chunk in chunks:
             try:
                 plan = Plan([], [(0, len(chunk.token_ids), seq.route)], self.runner.device, self._kernel,
-                            self._merged)
+                            self._merged, self._lasting([seq]))
                 kept_logits.append(self.runner.step(empty, empty, [chunk], plan)[1][0])
             except Exception as e:
                 self._prefilling.remove(seq)
