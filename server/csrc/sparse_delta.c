@@ -18,9 +18,10 @@
  * loop then has no remainder and its trip count repeats from row to row, where a row of ~20 non-zeros used to
  * end with a mispredicted branch or two. The threads split the output rows at whole chunks (a stored row
  * writes an output row of its own chunk), so that each has about the same number of non-zeros (q and v
- * adapted, k not: an even split of the rows is not one of the work). An entry over all 32 lanes of a block runs
- * each chunk of rows twice, 16 lanes at a time: the block's inputs (d_in x 128 bytes, 72 KB for d_in 576) do
- * not fit in L1, each half's do. Figures: server/sparse_kernel.py. Tried and left out, measured on the 8-task
+ * adapted, k not: an even split of the rows is not one of the work). An entry over more than 16 lanes of a block
+ * (NATIVE) runs each chunk of rows once per 16 lanes that hold its rows: the block's inputs (d_in x 128 bytes,
+ * 72 KB for d_in 576) do not fit in L1, 16 lanes' do. Figures: server/sparse_kernel.py. Tried and left out,
+ * measured on the 8-task
  * chain: software prefetching of the non-zeros once every 16 in the entries of several rows, 512 to 8192 ahead
  * (within the run-to-run noise; once a row, 256 ahead, it helps: ROW_PREFETCH), bf16 values with 16-bit
  * columns (4 bytes a non-zero instead of 6: no faster, the widening costs what the bytes save), rows padded to 8
@@ -64,19 +65,23 @@ static inline float bf16_to_f32(uint16_t h) {
   __builtin_prefetch((const char *)(val) + (VAL_BYTES) * ((j) + AHEAD) + 64);
 
 /* One entry over lanes [lo, lo + V) of a block of 2^sh lanes: yp[perm[o], lo + k] += Σ_j val[j] · p[col[j], lo + k]
- * over the non-zeros j of every stored row o in [o0, o1), the V lanes at once (GCC/Clang vector extensions: SSE,
- * AVX or NEON on any target; V = 16 is one AVX-512 vector), the lanes outside mask m cleared bitwise (whatever
- * they hold stays out). p: (d_in, 2^sh) and yp: (d_out, 2^sh). Four partial sums: with one chain of dependent
+ * over the non-zeros j of every stored row o in [o0, o1), the V lanes at once, the lanes outside mask m cleared
+ * bitwise (whatever they hold stays out). p: (d_in, 2^sh) and yp: (d_out, 2^sh). The V lanes are N vectors of
+ * the type HT (GCC/Clang vector extensions: SSE, AVX or NEON on any target), none wider than the CPU's own:
+ * a 16-lane vector type on a CPU without AVX-512 compiles to code that goes through the stack, 5 times slower
+ * than two 8-lane vectors (AMD EPYC, AVX2; ad hoc). Four partial sums: with one chain of dependent
  * multiply-adds the loop is bound by the FMA latency. One copy per width, value and column type. */
-#define ENTRY(NAME, V, VT, VI, VAL, COL, VB, CB, WHOLE_BLOCK)                                          \
+#define ENTRY(NAME, V, HT, HI, N, VAL, COL, VB, CB, WHOLE_BLOCK)                                       \
   static void NAME(const csr_t *a, uint32_t m, int64_t o0, int64_t o1, const float *restrict p,        \
                    float *restrict yp, int sh_, int lo_) {                                             \
+    enum { HV = V / N }; /* lanes in one of the N vectors */                                          \
     /* a window as wide as the block: its shift a constant, as in the inner loop's address arithmetic */  \
     const int sh = WHOLE_BLOCK ? __builtin_ctz(V) : sh_, lo = WHOLE_BLOCK ? 0 : lo_;                  \
     const int32_t *restrict crow = a->crow;                                                            \
     const void *restrict col = a->col, *restrict val = a->val;                                         \
-    VI keep;                                                                                           \
-    for (int k = 0; k < V; k++) keep[k] = (m >> (lo + k)) & 1u ? -1 : 0;                               \
+    HI keep[N];                                                                                        \
+    for (int h = 0; h < N; h++)                                                                        \
+      for (int k = 0; k < HV; k++) keep[h][k] = (m >> (lo + h * HV + k)) & 1u ? -1 : 0;                \
     const uint32_t full = (1u << V) - 1; /* the window's lanes (V ≤ 16) */                             \
     const int whole = ((m >> lo) & full) == full;                                                      \
     p += lo;                                                                                           \
@@ -84,29 +89,40 @@ static inline float bf16_to_f32(uint16_t h) {
       const int32_t b = crow[o], e = crow[o + 1];                                                      \
       if (b == e) continue;                                                                            \
       ROW_PREFETCH(col, val, b, VB, CB)                                                                \
-      VT s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};                                                       \
+      HT s0[N], s1[N], s2[N], s3[N];                                                                   \
+      for (int h = 0; h < N; h++) s0[h] = s1[h] = s2[h] = s3[h] = (HT){0};                             \
       int32_t j = b;                                                                                   \
       for (; j + 4 <= e; j += 4) {                                                                     \
-        s0 += VAL(val, j) * *(const VT *)(p + (COL(col, j) << sh));                                    \
-        s1 += VAL(val, j + 1) * *(const VT *)(p + (COL(col, j + 1) << sh));                            \
-        s2 += VAL(val, j + 2) * *(const VT *)(p + (COL(col, j + 2) << sh));                            \
-        s3 += VAL(val, j + 3) * *(const VT *)(p + (COL(col, j + 3) << sh));                            \
+        const float *q0 = p + (COL(col, j) << sh), *q1 = p + (COL(col, j + 1) << sh);                  \
+        const float *q2 = p + (COL(col, j + 2) << sh), *q3 = p + (COL(col, j + 3) << sh);              \
+        const float v0 = VAL(val, j), v1 = VAL(val, j + 1), v2 = VAL(val, j + 2), v3 = VAL(val, j + 3); \
+        for (int h = 0; h < N; h++) {                                                                  \
+          s0[h] += v0 * *(const HT *)(q0 + h * HV);                                                    \
+          s1[h] += v1 * *(const HT *)(q1 + h * HV);                                                    \
+          s2[h] += v2 * *(const HT *)(q2 + h * HV);                                                    \
+          s3[h] += v3 * *(const HT *)(q3 + h * HV);                                                    \
+        }                                                                                              \
       }                                                                                                \
-      for (; j < e; j++) s0 += VAL(val, j) * *(const VT *)(p + (COL(col, j) << sh));                   \
-      const VT s = (s0 + s1) + (s2 + s3);                                                              \
-      VT *out = (VT *)(yp + (OUT(a, o) << sh) + lo);                                                   \
-      *out += whole ? s : (VT)((VI)s & keep);                                                          \
+      for (; j < e; j++) {                                                                             \
+        const float *q0 = p + (COL(col, j) << sh), v0 = VAL(val, j);                                   \
+        for (int h = 0; h < N; h++) s0[h] += v0 * *(const HT *)(q0 + h * HV);                         \
+      }                                                                                                \
+      HT *out = (HT *)(yp + (OUT(a, o) << sh) + lo);                                                   \
+      for (int h = 0; h < N; h++) {                                                                    \
+        const HT s = (s0[h] + s1[h]) + (s2[h] + s3[h]);                                                \
+        out[h] += whole ? s : (HT)((HI)s & keep[h]);                                                   \
+      }                                                                                                \
     }                                                                                                  \
   }
-#define ENTRIES(V, VT, VI)                                                                             \
-  ENTRY(entry##V##_f32_i32, V, VT, VI, VAL_F32, COL_I32, 4, 4, 0)                                      \
-  ENTRY(entry##V##_bf16_i32, V, VT, VI, VAL_BF16, COL_I32, 2, 4, 0)                                    \
-  ENTRY(entry##V##_f32_u16, V, VT, VI, VAL_F32, COL_U16, 4, 2, 0)                                      \
-  ENTRY(entry##V##_bf16_u16, V, VT, VI, VAL_BF16, COL_U16, 2, 2, 0)                                    \
-  ENTRY(whole##V##_f32_i32, V, VT, VI, VAL_F32, COL_I32, 4, 4, 1)                                      \
-  ENTRY(whole##V##_bf16_i32, V, VT, VI, VAL_BF16, COL_I32, 2, 4, 1)                                    \
-  ENTRY(whole##V##_f32_u16, V, VT, VI, VAL_F32, COL_U16, 4, 2, 1)                                      \
-  ENTRY(whole##V##_bf16_u16, V, VT, VI, VAL_BF16, COL_U16, 2, 2, 1)
+#define ENTRIES(V, HT, HI, N)                                                                          \
+  ENTRY(entry##V##_f32_i32, V, HT, HI, N, VAL_F32, COL_I32, 4, 4, 0)                                   \
+  ENTRY(entry##V##_bf16_i32, V, HT, HI, N, VAL_BF16, COL_I32, 2, 4, 0)                                 \
+  ENTRY(entry##V##_f32_u16, V, HT, HI, N, VAL_F32, COL_U16, 4, 2, 0)                                   \
+  ENTRY(entry##V##_bf16_u16, V, HT, HI, N, VAL_BF16, COL_U16, 2, 2, 0)                                 \
+  ENTRY(whole##V##_f32_i32, V, HT, HI, N, VAL_F32, COL_I32, 4, 4, 1)                                   \
+  ENTRY(whole##V##_bf16_i32, V, HT, HI, N, VAL_BF16, COL_I32, 2, 4, 1)                                 \
+  ENTRY(whole##V##_f32_u16, V, HT, HI, N, VAL_F32, COL_U16, 4, 2, 1)                                   \
+  ENTRY(whole##V##_bf16_u16, V, HT, HI, N, VAL_BF16, COL_U16, 2, 2, 1)
 typedef float v2f __attribute__((vector_size(2 * sizeof(float)), aligned(sizeof(float))));
 typedef float v4f __attribute__((vector_size(4 * sizeof(float)), aligned(sizeof(float))));
 typedef float v8f __attribute__((vector_size(8 * sizeof(float)), aligned(sizeof(float))));
@@ -115,10 +131,18 @@ typedef int32_t v2i __attribute__((vector_size(2 * sizeof(int32_t))));
 typedef int32_t v4i __attribute__((vector_size(4 * sizeof(int32_t))));
 typedef int32_t v8i __attribute__((vector_size(8 * sizeof(int32_t))));
 typedef int32_t v16i __attribute__((vector_size(16 * sizeof(int32_t))));
-ENTRIES(2, v2f, v2i)
-ENTRIES(4, v4f, v4i)
-ENTRIES(8, v8f, v8i)
-ENTRIES(16, v16f, v16i)
+ENTRIES(2, v2f, v2i, 1)
+ENTRIES(4, v4f, v4i, 1)
+#if defined(__AVX512F__)
+ENTRIES(8, v8f, v8i, 1)
+ENTRIES(16, v16f, v16i, 1)
+#elif defined(__AVX__)
+ENTRIES(8, v8f, v8i, 1)
+ENTRIES(16, v8f, v8i, 2)
+#else /* 128-bit vectors (SSE, NEON) */
+ENTRIES(8, v4f, v4i, 2)
+ENTRIES(16, v4f, v4i, 4)
+#endif
 
 /* One row's sum over the non-zeros [b, e) of an output row: Σ_j val[j] · xr[col[j]], its input xr contiguous.
  * A single row's delta is little work per byte read, and its reads wait on memory: the values and columns
@@ -196,7 +220,19 @@ static const entry_fn ENTRY_FNS[2][4][4] = { /* (a window of 32 lanes runs as tw
     {BY_KIND(whole, 2), BY_KIND(whole, 4), BY_KIND(whole, 8), BY_KIND(whole, 16)}};
 
 #define MAX_ROWS 32 /* rows in a block */
-#define HALF_ROWS 64 /* stored rows a window of 32 lanes runs as two halves over */
+/* The widest window run in one pass: 16 lanes (one AVX-512 vector, two AVX ones; 8 with 128-bit vectors, whose
+ * 16 registers hold the four partial sums of 8 lanes but not of 16). A wider window runs each chunk of
+ * SPLIT_ROWS stored rows once per NATIVE lanes (with its rows' masks), windows without rows of the entry left
+ * out: the part of the block's inputs a pass reads (d_in x NATIVE x 4 bytes, 36 KB at 16 lanes for d_in 576)
+ * then stays in L1 next to the chunk's non-zeros, which the passes after the first read from L1. */
+#ifndef NATIVE
+#if defined(__AVX__) || defined(__aarch64__)
+#define NATIVE 16
+#else
+#define NATIVE 8
+#endif
+#endif
+#define SPLIT_ROWS 64
 static inline int width_of(int nr) { int w = 1; while (w < nr) w *= 2; return w; }
 static inline int log2_of(int w) { return __builtin_ctz((unsigned)w); }
 static inline int one_row(uint32_t m) { return (m & (m - 1)) == 0; }
@@ -230,12 +266,13 @@ static void run_block(const csr_t *adapters, const int32_t *ent_adapter, const u
     const int first = __builtin_ctz(m), last = 31 - __builtin_clz(m);
     int v = 2;
     while (first / v != last / v) v *= 2;
-    if (v == 32) { /* each chunk of rows twice, 16 lanes at a time: a half's inputs (d_in x 64 bytes) stay in L1 */
-      const entry_fn half = ENTRY_FNS[0][3][a->kind];
-      for (int64_t c = o0; c < o1; c += HALF_ROWS) {
-        const int64_t c1 = c + HALF_ROWS < o1 ? c + HALF_ROWS : o1;
-        half(a, m, c, c1, p, yp, 5, 0);
-        half(a, m, c, c1, p, yp, 5, 16);
+    if (v > NATIVE) { /* NATIVE lanes at a time, chunk by chunk; windows without rows of the entry skipped */
+      const entry_fn part = ENTRY_FNS[0][log2_of(NATIVE) - 1][a->kind];
+      const int w0 = first / NATIVE * NATIVE, w1 = last / NATIVE * NATIVE;
+      for (int64_t c = o0; c < o1; c += SPLIT_ROWS) {
+        const int64_t c1 = c + SPLIT_ROWS < o1 ? c + SPLIT_ROWS : o1;
+        for (int lo = w0; lo <= w1; lo += NATIVE)
+          if ((m >> lo) & ((1u << NATIVE) - 1)) part(a, m, c, c1, p, yp, log2_of(width), lo);
       }
       continue;
     }

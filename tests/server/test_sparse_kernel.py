@@ -32,14 +32,18 @@ def _delta(d_out, d_in, density, g, form="f32-i16"):
     return delta, stored.to_dense()
 
 
-@pytest.fixture(scope="module", params=["native", "portable"])
+X86 = platform.machine() in ("x86_64", "AMD64")
+
+
+@pytest.fixture(scope="module", params=["native", "portable", *(["128-bit"] if X86 else [])])
 def any_kernel(request, sparse_kernel, tmp_path_factory):
     """The kernel as the server builds it (-march=native: AVX-512 paths on CPUs that have it), and on x86 also
-    built without AVX-512, so that the portable paths are tested on an AVX-512 machine too."""
+    built without AVX-512 (16 lanes as two AVX vectors) and without AVX (128-bit vectors: windows of 8 lanes at
+    most, a 16-lane one as four vectors), so that every path is tested on whatever x86 CPU runs the tests."""
     if request.param == "native":
         return sparse_kernel
-    flags = ("-mno-avx512f",) if platform.machine() in ("x86_64", "AMD64") else ()
-    kernel = sk.load(tmp_path_factory.mktemp("portable"), extra_flags=flags)
+    flags = {"portable": ("-mno-avx512f",) if X86 else (), "128-bit": ("-mno-avx",)}[request.param]
+    kernel = sk.load(tmp_path_factory.mktemp(request.param), extra_flags=flags)
     assert kernel is not None
     return kernel
 
@@ -128,11 +132,14 @@ def _add_at_threads(kernel, made, starts, rows, x, y, threads):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_entries_over_all_32_lanes_run_as_two_halves_over_every_chunk(any_kernel, threads):
-    """A block of 32 rows: an entry over all of them, one over lanes 3..29 (both run 16 lanes at a time, chunk
-    by chunk of 64 rows: 200 output rows make four, the last partial), one over 4 lanes."""
+    """A block of 32 rows: an entry over all of them, one over lanes 3..29 (both run 16 lanes at a time, or 8
+    with 128-bit vectors, chunk by chunk of 64 rows: 200 output rows make four, the last partial), one over 4
+    lanes, and one over lanes 1, 2 and 30 (with 128-bit vectors the windows of lanes 8..23 hold none of its rows
+    and are left out)."""
     g = torch.Generator().manual_seed(21 + threads)
-    made = [_delta(200, 48, 0.2, g) for _ in range(3)]
-    starts, rows = [0, 32, 32 + 27, 32 + 27 + 4], [*range(32), *range(3, 30), *range(20, 24)]
+    made = [_delta(200, 48, 0.2, g) for _ in range(4)]
+    starts = [0, 32, 32 + 27, 32 + 27 + 4, 32 + 27 + 4 + 3]
+    rows = [*range(32), *range(3, 30), *range(20, 24), 1, 2, 30]
     assert any_kernel.layout(starts, rows).block_start.tolist()[:2] == [0, 32]  # one block of 32 rows
     _add_at_threads(any_kernel, made, starts, rows, torch.randn(34, 48, generator=g),
                     torch.randn(34, 200, generator=g), threads)
