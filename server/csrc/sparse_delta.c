@@ -19,8 +19,8 @@
  * end with a mispredicted branch or two. The threads split the output rows at whole chunks (a stored row
  * writes an output row of its own chunk), so that each has about the same number of non-zeros (q and v
  * adapted, k not: an even split of the rows is not one of the work). An entry over more than 16 lanes of a block
- * (NATIVE) runs each chunk of rows once per 16 lanes that hold its rows: the block's inputs (d_in x 128 bytes,
- * 72 KB for d_in 576) do not fit in L1, 16 lanes' do. Figures: server/sparse_kernel.py. Tried and left out,
+ * runs each chunk of rows once per NATIVE lanes (16; 8 with SSE) that hold its rows: the block's inputs (d_in x
+ * 128 bytes, 72 KB for d_in 576) do not fit in L1, 16 lanes' do. Figures: server/sparse_kernel.py. Tried and left out,
  * measured on the 8-task
  * chain: software prefetching of the non-zeros once every 16 in the entries of several rows, 512 to 8192 ahead
  * (within the run-to-run noise; once a row, 256 ahead, it helps: ROW_PREFETCH), bf16 values with 16-bit
@@ -215,13 +215,13 @@ typedef void (*entry_fn)(const csr_t *, uint32_t, int64_t, int64_t, const float 
 static const row_fn ROWS[4] = {row_f32_i32, row_bf16_i32, row_f32_u16, row_bf16_u16};
 #define BY_KIND(P, V) {P##V##_f32_i32, P##V##_bf16_i32, P##V##_f32_u16, P##V##_bf16_u16}
 /* [whole block][log2(width) - 1][kind] */
-static const entry_fn ENTRY_FNS[2][4][4] = { /* (a window of 32 lanes runs as two of 16: run_block) */
+static const entry_fn ENTRY_FNS[2][4][4] = { /* (a window wider than NATIVE runs as several: run_block) */
     {BY_KIND(entry, 2), BY_KIND(entry, 4), BY_KIND(entry, 8), BY_KIND(entry, 16)},
     {BY_KIND(whole, 2), BY_KIND(whole, 4), BY_KIND(whole, 8), BY_KIND(whole, 16)}};
 
 #define MAX_ROWS 32 /* rows in a block */
-/* The widest window run in one pass: 16 lanes (one AVX-512 vector, two AVX ones; 8 with 128-bit vectors, whose
- * 16 registers hold the four partial sums of 8 lanes but not of 16). A wider window runs each chunk of
+/* The widest window run in one pass: 16 lanes (one AVX-512 vector, two AVX ones, four NEON ones; 8 with SSE,
+ * whose 16 registers hold the four partial sums of 8 lanes but not of 16). A wider window runs each chunk of
  * SPLIT_ROWS stored rows once per NATIVE lanes (with its rows' masks), windows without rows of the entry left
  * out: the part of the block's inputs a pass reads (d_in x NATIVE x 4 bytes, 36 KB at 16 lanes for d_in 576)
  * then stays in L1 next to the chunk's non-zeros, which the passes after the first read from L1. */
@@ -231,6 +231,9 @@ static const entry_fn ENTRY_FNS[2][4][4] = { /* (a window of 32 lanes runs as tw
 #else
 #define NATIVE 8
 #endif
+#endif
+#if NATIVE != 8 && NATIVE != 16
+#error "NATIVE must be 8 or 16"
 #endif
 #define SPLIT_ROWS 64
 static inline int width_of(int nr) { int w = 1; while (w < nr) w *= 2; return w; }

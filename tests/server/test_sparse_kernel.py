@@ -38,8 +38,8 @@ X86 = platform.machine() in ("x86_64", "AMD64")
 @pytest.fixture(scope="module", params=["native", "portable", *(["128-bit"] if X86 else [])])
 def any_kernel(request, sparse_kernel, tmp_path_factory):
     """The kernel as the server builds it (-march=native: AVX-512 paths on CPUs that have it), and on x86 also
-    built without AVX-512 (16 lanes as two AVX vectors) and without AVX (128-bit vectors: windows of 8 lanes at
-    most, a 16-lane one as four vectors), so that every path is tested on whatever x86 CPU runs the tests."""
+    built without AVX-512 (16 lanes as two AVX vectors) and without AVX (128-bit vectors, windows of 8 lanes at
+    most), so that the x86 paths are tested on whatever x86 CPU runs the tests."""
     if request.param == "native":
         return sparse_kernel
     flags = {"portable": ("-mno-avx512f",) if X86 else (), "128-bit": ("-mno-avx",)}[request.param]
@@ -131,18 +131,35 @@ def _add_at_threads(kernel, made, starts, rows, x, y, threads):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_entries_over_all_32_lanes_run_as_two_halves_over_every_chunk(any_kernel, threads):
-    """A block of 32 rows: an entry over all of them, one over lanes 3..29 (both run 16 lanes at a time, or 8
-    with 128-bit vectors, chunk by chunk of 64 rows: 200 output rows make four, the last partial), one over 4
-    lanes, and one over lanes 1, 2 and 30 (with 128-bit vectors the windows of lanes 8..23 hold none of its rows
-    and are left out)."""
+def test_entries_over_32_lanes_run_window_by_window_over_every_chunk(any_kernel, threads):
+    """A block of 32 rows: an entry over all of them and one over lanes 2..28 (both run 16 lanes at a time, or 8
+    with 128-bit vectors on x86, chunk by chunk of 64 rows: 200 output rows make four, the last partial), one
+    over lanes 25..28 and one over 29..31 (narrow windows)."""
     g = torch.Generator().manual_seed(21 + threads)
     made = [_delta(200, 48, 0.2, g) for _ in range(4)]
     starts = [0, 32, 32 + 27, 32 + 27 + 4, 32 + 27 + 4 + 3]
     rows = [*range(32), *range(3, 30), *range(20, 24), 1, 2, 30]
-    assert any_kernel.layout(starts, rows).block_start.tolist()[:2] == [0, 32]  # one block of 32 rows
+    at = any_kernel.layout(starts, rows)
+    assert at.block_start.tolist()[:2] == [0, 32]  # one block of 32 rows
+    assert [m & 0xFFFFFFFF for m in at.entry_mask.tolist()[:4]] == [0xFFFFFFFF, 0x1FFFFFFC, 0x1E000000, 0xE0000000]
     _add_at_threads(any_kernel, made, starts, rows, torch.randn(34, 48, generator=g),
                     torch.randn(34, 200, generator=g), threads)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_wide_entry_leaves_out_the_windows_without_its_rows(any_kernel, threads):
+    """An entry on lanes 0..7 and 24..31 of a block of 32: a window of 32 lanes, whose lanes 8..23 (two windows
+    of 8 with 128-bit vectors on x86) hold none of its rows and are left out; the rows there get only their
+    own adapter."""
+    g = torch.Generator().manual_seed(31 + threads)
+    made = [_delta(130, 40, 0.2, g) for _ in range(3)]
+    starts = [0, 8, 24, 40]
+    rows = [*range(8), *range(8, 24), *range(8), *range(24, 32)]
+    at = any_kernel.layout(starts, rows)
+    assert at.block_start.tolist() == [0, 32] and at.rows.tolist() == list(range(32))
+    assert [m & 0xFFFFFFFF for m in at.entry_mask.tolist()] == [0xFF, 0xFFFF00, 0xFF0000FF]
+    _add_at_threads(any_kernel, made, starts, rows, torch.randn(32, 40, generator=g),
+                    torch.randn(32, 130, generator=g), threads)
 
 
 def test_a_row_outside_an_entry_never_reaches_its_sums(any_kernel):
