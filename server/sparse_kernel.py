@@ -8,9 +8,9 @@ the inner loop (``kernel_rows``). ``python -m benchmarks.chain_kernel`` times th
 8-task chain, with the caches flushed between calls as a decode step leaves them (2-core Xeon, AVX-512; µs per
 q/k/v group, median of 6 passes over the 30 layers; two runs): 37–43 at 1 row (one adapter), 134–148 at 8 rows,
 119–145 at 16 and 183–213 at 32 (rows on every route of the chain: all 8 deltas read). Before the padded rows:
-60, 187–190, 194–214 and 263–274. On a 2-core AMD EPYC (Zen 3, AVX2; three runs each): 43–67, 145–184,
-177–215 and 282–342; before 16 lanes ran as two AVX vectors (a 16-lane vector type went through the stack):
-46–56, 157–186, 418–459 and 937–966. README, Benchmarks, has the whole decode step and the serving figures."""
+60, 187–190, 194–214 and 263–274. On a 2-core AMD EPYC (Zen 3, AVX2; three runs each): 43–67, 145–184, 177–215 and
+282–342, against 46–56, 157–186, 418–459 and 937–966 while a 16-lane window was one 16-lane vector type, which
+without AVX-512 went through the stack. README, Benchmarks, has the whole decode step and the serving figures."""
 from __future__ import annotations
 
 import ctypes

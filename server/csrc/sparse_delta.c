@@ -18,15 +18,14 @@
  * loop then has no remainder and its trip count repeats from row to row, where a row of ~20 non-zeros used to
  * end with a mispredicted branch or two. The threads split the output rows at whole chunks (a stored row
  * writes an output row of its own chunk), so that each has about the same number of non-zeros (q and v
- * adapted, k not: an even split of the rows is not one of the work). An entry over more than 16 lanes of a block
- * runs each chunk of rows once per NATIVE lanes (16; 8 with SSE) that hold its rows: the block's inputs (d_in x
- * 128 bytes, 72 KB for d_in 576) do not fit in L1, 16 lanes' do. Figures: server/sparse_kernel.py. Tried and left out,
- * measured on the 8-task
- * chain: software prefetching of the non-zeros once every 16 in the entries of several rows, 512 to 8192 ahead
- * (within the run-to-run noise; once a row, 256 ahead, it helps: ROW_PREFETCH), bf16 values with 16-bit
- * columns (4 bytes a non-zero instead of 6: no faster, the widening costs what the bytes save), rows padded to 8
- * with the loop unrolled 8 times, and the column and value of a non-zero side by side in one stream (neither
- * faster). */
+ * adapted, k not: an even split of the rows is not one of the work). An entry over more than NATIVE lanes of a
+ * block (16; 8 with SSE) runs each chunk of rows once per NATIVE lanes that hold its rows: the block's inputs (d_in
+ * x 128 bytes, 72 KB for d_in 576) do not fit in L1, 16 lanes' do. Figures: server/sparse_kernel.py. Tried and left
+ * out, measured on the 8-task chain: software prefetching of the non-zeros once every 16 in the entries of several
+ * rows, 512 to 8192 ahead (within the run-to-run noise; once a row, 256 ahead, it helps: ROW_PREFETCH), bf16 values
+ * with 16-bit columns (4 bytes a non-zero instead of 6: no faster, the widening costs what the bytes save), rows
+ * padded to 8 with the loop unrolled 8 times, and the column and value of a non-zero side by side in one stream
+ * (neither faster). */
 #include <omp.h>
 #include <stdint.h>
 
